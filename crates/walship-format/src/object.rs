@@ -1,0 +1,684 @@
+//! The object format of docs/format.md: a 96-byte header, a body of LZ4 blocks, a 28-byte
+//! trailer with a CRC32 over everything before it.
+//!
+//! [`ObjectWriter`] and [`ObjectReader`] stream: they hold at most one block (4 MiB of raw
+//! data) at a time, whatever the object's size. They are generic over `std::io::Write` and
+//! `std::io::Read` and do no I/O of their own.
+
+use std::io::{self, Read, Write};
+
+use crate::FormatError;
+use crate::wal::Checksum;
+
+/// Magic at the start of every object.
+pub const MAGIC: [u8; 4] = *b"WSHP";
+/// Magic at the start of the trailer.
+pub const TRAILER_MAGIC: [u8; 4] = *b"WSHE";
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Size of the header.
+pub const HEADER_SIZE: usize = 96;
+/// Size of the trailer.
+pub const TRAILER_SIZE: usize = 28;
+/// Largest raw block.
+pub const MAX_BLOCK: usize = 4 * 1024 * 1024;
+/// Size of a block header.
+pub const BLOCK_HEADER_SIZE: usize = 8;
+
+/// Flag: the body is LZ4 blocks (always set in version 1).
+pub const FLAG_LZ4: u8 = 0b01;
+/// Flag: the body is encrypted (reserved; refused by this version).
+pub const FLAG_ENCRYPTED: u8 = 0b10;
+
+// Header offsets.
+const O_MAGIC: usize = 0;
+const O_VERSION: usize = 4;
+const O_KIND: usize = 6;
+const O_FLAGS: usize = 7;
+const O_GENERATION: usize = 8;
+const O_START: usize = 16;
+const O_END: usize = 24;
+const O_PAGE_SIZE: usize = 32;
+const O_DB_PAGES: usize = 36;
+const O_TIMESTAMP: usize = 40;
+const O_SALT1: usize = 48;
+const O_SALT2: usize = 52;
+const O_END_CK1: usize = 56;
+const O_END_CK2: usize = 60;
+const O_START_CK1: usize = 64;
+const O_START_CK2: usize = 68;
+const O_WAL_MAGIC: usize = 72;
+const O_FRAMES: usize = 76;
+const O_RAW_LEN: usize = 80;
+const O_CKPT_SEQ: usize = 88;
+const O_HEADER_CRC: usize = 92;
+
+// Trailer offsets.
+const T_MAGIC: usize = 0;
+const T_BODY_LEN: usize = 4;
+const T_RAW_LEN: usize = 12;
+const T_CRC: usize = 20;
+const T_SELF_CRC: usize = 24;
+
+/// What an object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A full database image.
+    Snapshot = 1,
+    /// WAL frames of whole transactions.
+    Segment = 2,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Snapshot),
+            2 => Some(Kind::Segment),
+            _ => None,
+        }
+    }
+}
+
+/// The WAL state at a position: what a replicator needs to resume tailing from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct WalState {
+    /// WAL magic of the incarnation (0 if unknown).
+    pub magic: u32,
+    /// Checkpoint sequence number of the incarnation.
+    pub checkpoint_seq: u32,
+    /// Salts of the incarnation.
+    pub salt1: u32,
+    /// Salts of the incarnation.
+    pub salt2: u32,
+    /// Cumulative checksum after the last included frame.
+    pub checksum: Checksum,
+}
+
+/// An object's header: everything but the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObjectHeader {
+    /// Snapshot or segment.
+    pub kind: Kind,
+    /// Flag bits; [`FLAG_LZ4`] is always set by this version.
+    pub flags: u8,
+    /// Generation id (not inverted).
+    pub generation: u64,
+    /// Position the object continues from (snapshot: equal to `end`).
+    pub start: u64,
+    /// Position after the object is applied.
+    pub end: u64,
+    /// Database page size.
+    pub page_size: u32,
+    /// Database size in pages after the object is applied.
+    pub db_pages: u32,
+    /// Milliseconds since the Unix epoch when the object was written.
+    pub timestamp_ms: i64,
+    /// WAL state at `end`.
+    pub wal: WalState,
+    /// Segment: checksum the first frame continues from.
+    pub start_checksum: Checksum,
+    /// Segment: number of frames.
+    pub frames: u32,
+    /// Length of the raw (decompressed) body.
+    pub raw_len: u64,
+}
+
+impl ObjectHeader {
+    /// Encodes the header with its CRC.
+    pub fn encode(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[O_MAGIC..O_MAGIC + 4].copy_from_slice(&MAGIC);
+        b[O_VERSION..O_VERSION + 2].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+        b[O_KIND] = self.kind as u8;
+        b[O_FLAGS] = self.flags;
+        put64(&mut b, O_GENERATION, self.generation);
+        put64(&mut b, O_START, self.start);
+        put64(&mut b, O_END, self.end);
+        put32(&mut b, O_PAGE_SIZE, self.page_size);
+        put32(&mut b, O_DB_PAGES, self.db_pages);
+        put64(&mut b, O_TIMESTAMP, self.timestamp_ms as u64);
+        put32(&mut b, O_SALT1, self.wal.salt1);
+        put32(&mut b, O_SALT2, self.wal.salt2);
+        put32(&mut b, O_END_CK1, self.wal.checksum.0);
+        put32(&mut b, O_END_CK2, self.wal.checksum.1);
+        put32(&mut b, O_START_CK1, self.start_checksum.0);
+        put32(&mut b, O_START_CK2, self.start_checksum.1);
+        put32(&mut b, O_WAL_MAGIC, self.wal.magic);
+        put32(&mut b, O_FRAMES, self.frames);
+        put64(&mut b, O_RAW_LEN, self.raw_len);
+        put32(&mut b, O_CKPT_SEQ, self.wal.checkpoint_seq);
+        let crc = crc32fast::hash(&b[..O_HEADER_CRC]);
+        put32(&mut b, O_HEADER_CRC, crc);
+        b
+    }
+
+    /// Decodes and verifies a header.
+    pub fn decode(b: &[u8]) -> Result<ObjectHeader, FormatError> {
+        if b.len() < HEADER_SIZE {
+            return Err(FormatError::Truncated {
+                what: "object header",
+                needed: HEADER_SIZE as u64,
+                got: b.len() as u64,
+            });
+        }
+        if b[O_MAGIC..O_MAGIC + 4] != MAGIC {
+            return Err(FormatError::corrupt("not a walship object (bad magic)"));
+        }
+        let version = u16::from_be_bytes([b[O_VERSION], b[O_VERSION + 1]]);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        if crc32fast::hash(&b[..O_HEADER_CRC]) != get32(b, O_HEADER_CRC) {
+            return Err(FormatError::corrupt("object header CRC mismatch"));
+        }
+        let kind = Kind::from_u8(b[O_KIND])
+            .ok_or_else(|| FormatError::corrupt(format!("unknown object kind {}", b[O_KIND])))?;
+        let flags = b[O_FLAGS];
+        if flags & !(FLAG_LZ4 | FLAG_ENCRYPTED) != 0 || flags & FLAG_LZ4 == 0 {
+            return Err(FormatError::corrupt(format!(
+                "unknown object flags {flags:#04x}"
+            )));
+        }
+        if flags & FLAG_ENCRYPTED != 0 {
+            return Err(FormatError::Encrypted);
+        }
+        let page_size = get32(b, O_PAGE_SIZE);
+        if !crate::wal::valid_page_size(page_size) {
+            return Err(FormatError::corrupt(format!("bad page size {page_size}")));
+        }
+        let h = ObjectHeader {
+            kind,
+            flags,
+            generation: get64(b, O_GENERATION),
+            start: get64(b, O_START),
+            end: get64(b, O_END),
+            page_size,
+            db_pages: get32(b, O_DB_PAGES),
+            timestamp_ms: get64(b, O_TIMESTAMP) as i64,
+            wal: WalState {
+                magic: get32(b, O_WAL_MAGIC),
+                checkpoint_seq: get32(b, O_CKPT_SEQ),
+                salt1: get32(b, O_SALT1),
+                salt2: get32(b, O_SALT2),
+                checksum: Checksum(get32(b, O_END_CK1), get32(b, O_END_CK2)),
+            },
+            start_checksum: Checksum(get32(b, O_START_CK1), get32(b, O_START_CK2)),
+            frames: get32(b, O_FRAMES),
+            raw_len: get64(b, O_RAW_LEN),
+        };
+        match kind {
+            Kind::Snapshot => {
+                if h.start != h.end {
+                    return Err(FormatError::corrupt("snapshot with start != end"));
+                }
+                if h.raw_len != u64::from(h.db_pages) * u64::from(page_size) {
+                    return Err(FormatError::corrupt(
+                        "snapshot length is not its page count",
+                    ));
+                }
+            }
+            Kind::Segment => {
+                if h.end <= h.start {
+                    return Err(FormatError::corrupt("segment end not after its start"));
+                }
+                let frame = crate::wal::FRAME_HEADER_SIZE as u64 + u64::from(page_size);
+                if h.frames == 0 || h.raw_len != u64::from(h.frames) * frame {
+                    return Err(FormatError::corrupt(
+                        "segment length is not its frame count",
+                    ));
+                }
+            }
+        }
+        Ok(h)
+    }
+}
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+fn get32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn get64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Writes one object to `W`, compressing the raw body block by block.
+///
+/// Call [`ObjectWriter::write_all`] (via `Write`) with the raw body, then
+/// [`ObjectWriter::finish`]. The raw length written must equal the header's `raw_len`.
+#[derive(Debug)]
+pub struct ObjectWriter<W: Write> {
+    out: W,
+    crc: crc32fast::Hasher,
+    block: Vec<u8>,
+    body_len: u64,
+    raw_written: u64,
+    raw_expected: u64,
+    block_size: usize,
+}
+
+impl<W: Write> ObjectWriter<W> {
+    /// Writes the header and returns a writer for the body.
+    pub fn new(mut out: W, header: &ObjectHeader) -> io::Result<Self> {
+        let h = header.encode();
+        out.write_all(&h)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h);
+        Ok(ObjectWriter {
+            out,
+            crc,
+            block: Vec::new(),
+            body_len: 0,
+            raw_written: 0,
+            raw_expected: header.raw_len,
+            block_size: MAX_BLOCK,
+        })
+    }
+
+    /// Uses smaller blocks (tests; at least 1 byte, at most [`MAX_BLOCK`]).
+    pub fn with_block_size(mut self, size: usize) -> Self {
+        self.block_size = size.clamp(1, MAX_BLOCK);
+        self
+    }
+
+    fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.crc.update(bytes);
+        self.body_len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn flush_block(&mut self) -> io::Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        let compressed = lz4_flex::block::compress(&self.block);
+        let mut bh = [0u8; BLOCK_HEADER_SIZE];
+        put32(&mut bh, 0, self.block.len() as u32);
+        put32(&mut bh, 4, compressed.len() as u32);
+        self.emit(&bh)?;
+        self.emit(&compressed)?;
+        self.block.clear();
+        Ok(())
+    }
+
+    /// Ends the body, writes the trailer, and returns the inner writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.flush_block()?;
+        if self.raw_written != self.raw_expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "object body is {} bytes but the header says {}",
+                    self.raw_written, self.raw_expected
+                ),
+            ));
+        }
+        self.emit(&[0u8; BLOCK_HEADER_SIZE])?;
+        let mut t = [0u8; TRAILER_SIZE];
+        t[T_MAGIC..T_MAGIC + 4].copy_from_slice(&TRAILER_MAGIC);
+        put64(&mut t, T_BODY_LEN, self.body_len);
+        put64(&mut t, T_RAW_LEN, self.raw_written);
+        put32(&mut t, T_CRC, self.crc.clone().finalize());
+        let self_crc = crc32fast::hash(&t[..T_SELF_CRC]);
+        put32(&mut t, T_SELF_CRC, self_crc);
+        self.out.write_all(&t)?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for ObjectWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = self.block_size - self.block.len();
+        let n = room.min(buf.len());
+        self.block.extend_from_slice(&buf[..n]);
+        self.raw_written += n as u64;
+        if self.block.len() == self.block_size {
+            self.flush_block()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads one object from `R`: the header at once, then the raw body through `Read`.
+///
+/// `read` returns `Ok(0)` only after the end block and a verified trailer; any damage is an
+/// `io::Error` whose inner error is a [`FormatError`] (see [`FormatError::from_io`]).
+/// Callers must not act on the bytes before `read` returned `Ok(0)`.
+#[derive(Debug)]
+pub struct ObjectReader<R: Read> {
+    input: R,
+    header: ObjectHeader,
+    crc: crc32fast::Hasher,
+    body_len: u64,
+    raw_read: u64,
+    block: Vec<u8>,
+    block_pos: usize,
+    compressed: Vec<u8>,
+    done: bool,
+}
+
+impl<R: Read> ObjectReader<R> {
+    /// Reads and verifies the header.
+    pub fn new(mut input: R) -> Result<Self, FormatError> {
+        let mut h = [0u8; HEADER_SIZE];
+        read_exact_or_truncated(&mut input, &mut h, "object header")?;
+        let header = ObjectHeader::decode(&h)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h);
+        Ok(ObjectReader {
+            input,
+            header,
+            crc,
+            body_len: 0,
+            raw_read: 0,
+            block: Vec::new(),
+            block_pos: 0,
+            compressed: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// The verified header.
+    pub fn header(&self) -> &ObjectHeader {
+        &self.header
+    }
+
+    /// Returns the inner reader.
+    pub fn into_inner(self) -> R {
+        self.input
+    }
+
+    fn next_block(&mut self) -> Result<bool, FormatError> {
+        let mut bh = [0u8; BLOCK_HEADER_SIZE];
+        read_exact_or_truncated(&mut self.input, &mut bh, "object block header")?;
+        self.crc.update(&bh);
+        self.body_len += BLOCK_HEADER_SIZE as u64;
+        let raw = get32(&bh, 0) as usize;
+        let stored = get32(&bh, 4) as usize;
+        if raw == 0 {
+            if stored != 0 {
+                return Err(FormatError::corrupt("bad end block"));
+            }
+            self.verify_trailer()?;
+            return Ok(false);
+        }
+        if raw > MAX_BLOCK || stored > lz4_flex::block::get_maximum_output_size(MAX_BLOCK) {
+            return Err(FormatError::corrupt(format!(
+                "block too large ({raw} raw, {stored} stored)"
+            )));
+        }
+        if self.raw_read + raw as u64 > self.header.raw_len {
+            return Err(FormatError::corrupt("body longer than its header says"));
+        }
+        self.compressed.resize(stored, 0);
+        read_exact_or_truncated(&mut self.input, &mut self.compressed, "object block")?;
+        self.crc.update(&self.compressed);
+        self.body_len += stored as u64;
+        self.block.resize(raw, 0);
+        match lz4_flex::block::decompress_into(&self.compressed, &mut self.block) {
+            Ok(n) if n == raw => {}
+            _ => {
+                return Err(FormatError::corrupt(
+                    "block does not decompress to its length",
+                ));
+            }
+        }
+        self.block_pos = 0;
+        Ok(true)
+    }
+
+    fn verify_trailer(&mut self) -> Result<(), FormatError> {
+        let mut t = [0u8; TRAILER_SIZE];
+        read_exact_or_truncated(&mut self.input, &mut t, "object trailer")?;
+        if t[T_MAGIC..T_MAGIC + 4] != TRAILER_MAGIC {
+            return Err(FormatError::corrupt("bad trailer magic"));
+        }
+        if crc32fast::hash(&t[..T_SELF_CRC]) != get32(&t, T_SELF_CRC) {
+            return Err(FormatError::corrupt("trailer CRC mismatch"));
+        }
+        if get64(&t, T_BODY_LEN) != self.body_len {
+            return Err(FormatError::corrupt("trailer body length mismatch"));
+        }
+        if get64(&t, T_RAW_LEN) != self.raw_read || self.raw_read != self.header.raw_len {
+            return Err(FormatError::corrupt("raw body length mismatch"));
+        }
+        if get32(&t, T_CRC) != self.crc.clone().finalize() {
+            return Err(FormatError::corrupt("object CRC mismatch"));
+        }
+        let mut extra = [0u8; 1];
+        loop {
+            match self.input.read(&mut extra) {
+                Ok(0) => break,
+                Ok(_) => return Err(FormatError::corrupt("bytes after the trailer")),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FormatError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for ObjectReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.block_pos == self.block.len() {
+            if self.done {
+                return Ok(0);
+            }
+            if !self.next_block().map_err(FormatError::into_io)? {
+                self.done = true;
+                self.block.clear();
+                self.block_pos = 0;
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.block_pos);
+        buf[..n].copy_from_slice(&self.block[self.block_pos..self.block_pos + n]);
+        self.block_pos += n;
+        self.raw_read += n as u64;
+        Ok(n)
+    }
+}
+
+fn read_exact_or_truncated(
+    r: &mut impl Read,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), FormatError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(FormatError::Truncated {
+                    what,
+                    needed: buf.len() as u64,
+                    got: got as u64,
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FormatError::from_io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a whole object in memory (small objects and tests).
+pub fn encode_to_vec(header: &ObjectHeader, raw: &[u8]) -> io::Result<Vec<u8>> {
+    let mut w = ObjectWriter::new(Vec::new(), header)?;
+    w.write_all(raw)?;
+    w.finish()
+}
+
+/// Decodes a whole object in memory (small objects and tests).
+pub fn decode_from_slice(bytes: &[u8]) -> Result<(ObjectHeader, Vec<u8>), FormatError> {
+    let mut r = ObjectReader::new(bytes)?;
+    let mut raw = Vec::new();
+    r.read_to_end(&mut raw).map_err(FormatError::from_io)?;
+    Ok((*r.header(), raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn snapshot_header(pages: u32, page_size: u32) -> ObjectHeader {
+        ObjectHeader {
+            kind: Kind::Snapshot,
+            flags: FLAG_LZ4,
+            generation: 0x1234,
+            start: 5,
+            end: 5,
+            page_size,
+            db_pages: pages,
+            timestamp_ms: 1_700_000_000_000,
+            wal: WalState {
+                magic: crate::wal::WAL_MAGIC_LE,
+                checkpoint_seq: 3,
+                salt1: 11,
+                salt2: 12,
+                checksum: Checksum(1, 2),
+            },
+            start_checksum: Checksum::default(),
+            frames: 0,
+            raw_len: u64::from(pages) * u64::from(page_size),
+        }
+    }
+
+    #[test]
+    fn snapshot_round_trips_across_blocks() {
+        let h = snapshot_header(40, 512);
+        let raw: Vec<u8> = (0..h.raw_len).map(|i| (i % 251) as u8).collect();
+        let mut w = ObjectWriter::new(Vec::new(), &h)
+            .expect("new")
+            .with_block_size(1000);
+        w.write_all(&raw).expect("write");
+        let bytes = w.finish().expect("finish");
+        let (h2, raw2) = decode_from_slice(&bytes).expect("decode");
+        assert_eq!(h, h2);
+        assert_eq!(raw, raw2);
+    }
+
+    #[test]
+    fn every_truncation_is_detected() {
+        let h = snapshot_header(4, 512);
+        let raw = vec![3u8; h.raw_len as usize];
+        let bytes = encode_to_vec(&h, &raw).expect("encode");
+        for cut in 0..bytes.len() {
+            assert!(
+                decode_from_slice(&bytes[..cut]).is_err(),
+                "cut at {cut} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let h = snapshot_header(2, 512);
+        let raw: Vec<u8> = (0..h.raw_len).map(|i| (i * 7 % 256) as u8).collect();
+        let bytes = encode_to_vec(&h, &raw).expect("encode");
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(
+                    decode_from_slice(&b).is_err(),
+                    "flip byte {i} bit {bit} accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_garbage_is_refused() {
+        let h = snapshot_header(1, 512);
+        let mut bytes = encode_to_vec(&h, &[0u8; 512]).expect("encode");
+        bytes.push(0);
+        assert!(decode_from_slice(&bytes).is_err());
+    }
+
+    #[test]
+    fn unknown_version_is_refused_by_name() {
+        let h = snapshot_header(1, 512);
+        let mut bytes = encode_to_vec(&h, &[0u8; 512]).expect("encode");
+        bytes[5] = 9;
+        let crc = crc32fast::hash(&bytes[..O_HEADER_CRC]);
+        bytes[O_HEADER_CRC..O_HEADER_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        match decode_from_slice(&bytes) {
+            Err(FormatError::UnsupportedVersion(v)) => assert_eq!(v, 9),
+            other => panic!("expected UnsupportedVersion, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn writer_refuses_a_body_of_the_wrong_length() {
+        let h = snapshot_header(2, 512);
+        let mut w = ObjectWriter::new(Vec::new(), &h).expect("new");
+        w.write_all(&[0u8; 512]).expect("write");
+        assert!(w.finish().is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_is_identity(
+            pages in 0u32..6,
+            shift in 9u32..13,
+            generation in any::<u64>(),
+            pos in any::<u64>(),
+            ts in any::<i64>(),
+            seed in any::<u8>(),
+            block in 1usize..5000,
+        ) {
+            let page_size = 1u32 << shift;
+            let mut h = snapshot_header(pages, page_size);
+            h.generation = generation;
+            h.start = pos;
+            h.end = pos;
+            h.timestamp_ms = ts;
+            let raw: Vec<u8> = (0..h.raw_len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+            let mut w = ObjectWriter::new(Vec::new(), &h).expect("new").with_block_size(block);
+            w.write_all(&raw).expect("write");
+            let bytes = w.finish().expect("finish");
+            let (h2, raw2) = decode_from_slice(&bytes).expect("decode");
+            prop_assert_eq!(h, h2);
+            prop_assert_eq!(raw, raw2);
+        }
+
+        #[test]
+        fn no_byte_string_makes_the_decoder_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode_from_slice(&bytes);
+        }
+
+        #[test]
+        fn damaged_objects_are_refused_not_panicked_on(
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let h = snapshot_header(3, 512);
+            let raw: Vec<u8> = (0..h.raw_len).map(|i| (i % 13) as u8).collect();
+            let bytes = encode_to_vec(&h, &raw).expect("encode");
+            let c = cut.index(bytes.len());
+            prop_assert!(decode_from_slice(&bytes[..c]).is_err());
+            let mut b = bytes.clone();
+            let at = flip.index(b.len());
+            b[at] ^= 1 << bit;
+            prop_assert!(decode_from_slice(&b).is_err());
+        }
+    }
+}
