@@ -1,0 +1,108 @@
+#!/bin/sh
+# walship container entrypoint: restore the SQLite database, then run the application
+# under `walship replicate` so every committed transaction is shipped while it runs and a
+# final sync happens when the machine is stopped.
+#
+# Usage (as the image's ENTRYPOINT, with the application as CMD):
+#
+#   ENTRYPOINT ["/usr/local/bin/walship-entrypoint"]
+#   CMD ["python3", "/app/app.py"]
+#
+# Environment:
+#   WALSHIP_DB            required  path of the application's SQLite database, e.g. /data/app.db
+#   WALSHIP_REPLICA_URL   required  file:///abs/dir or s3://bucket/prefix?region=...&endpoint=...
+#   WALSHIP_LISTEN        optional  address for walship's HTTP status server (/health, /metrics),
+#                                   e.g. 0.0.0.0:9090; passed as `--listen` when set
+#   WALSHIP_BIN           optional  walship executable to run (default: `walship` from PATH)
+#   AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE, AWS_REGION, ...
+#                                   read by walship's AWS SDK credential chain, not by this script
+#
+# Boot sequence:
+#   1. `walship restore --if-db-not-exists --if-replica-exists`: a fresh machine gets the newest
+#      restorable state; a machine that still has its database keeps it; an empty replica (the
+#      very first boot) starts the app on an empty database. Any other failure (bucket
+#      unreachable, access denied, nothing consistent to restore) stops the boot here: starting
+#      the app on an empty database would fork the history, so we refuse and let the platform
+#      retry. See docs/runbook-emergency.md.
+#   2. `exec walship replicate DB URL --exec "APP"`: walship becomes the main process, starts the
+#      app after its first sync, forwards SIGTERM/SIGINT to it, and exits with the app's status
+#      after a final sync. Give the platform's kill timeout room for that sync (fly.toml uses 60 s).
+#
+# The application command is handed to `--exec` as one string (the CLI contract). Arguments
+# that are not plain words are single-quoted (sh word rules), so arguments with spaces or
+# quotes survive walship's shell-word splitting of that string.
+
+set -eu
+
+prog='walship-entrypoint'
+
+die() {
+    printf '%s: error: %s\n' "$prog" "$*" >&2
+    exit 64
+}
+
+missing=""
+[ -n "${WALSHIP_DB:-}" ] || missing="$missing WALSHIP_DB"
+[ -n "${WALSHIP_REPLICA_URL:-}" ] || missing="$missing WALSHIP_REPLICA_URL"
+if [ -n "$missing" ]; then
+    die "required environment variable(s) not set:$missing (set WALSHIP_DB to the database path, e.g. /data/app.db, and WALSHIP_REPLICA_URL to file:///dir or s3://bucket/prefix; on fly.io put them in fly.toml [env])"
+fi
+
+if [ "$#" -eq 0 ]; then
+    die "no application command given (pass it as the image CMD or as arguments, e.g. walship-entrypoint python3 /app/app.py)"
+fi
+
+case "$WALSHIP_DB" in
+    /*) ;;
+    *) die "WALSHIP_DB must be an absolute path, got '$WALSHIP_DB'" ;;
+esac
+
+case "$WALSHIP_REPLICA_URL" in
+    file:///*|s3://?*) ;;
+    *) die "WALSHIP_REPLICA_URL must start with file:/// or s3://, got '$WALSHIP_REPLICA_URL'" ;;
+esac
+
+walship=${WALSHIP_BIN:-walship}
+if ! command -v "$walship" >/dev/null 2>&1; then
+    die "walship executable '$walship' not found (install it at /usr/local/bin/walship or set WALSHIP_BIN)"
+fi
+
+db_dir=$(dirname -- "$WALSHIP_DB")
+mkdir -p -- "$db_dir" || die "cannot create database directory '$db_dir'"
+
+# Quote one argument for sh-style word splitting. Plain words (letters, digits and
+# _ . / : = @ % + , -) pass unchanged, so simple commands read the same under any splitting
+# rule; anything else is wrapped in single quotes, each embedded single quote becoming '\''.
+quote() {
+    case "$1" in
+        '' | *[!A-Za-z0-9_./:=@%+,-]*)
+            printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")" ;;
+        *)
+            printf '%s' "$1" ;;
+    esac
+}
+
+app_cmd=""
+for arg in "$@"; do
+    if [ -z "$app_cmd" ]; then
+        app_cmd=$(quote "$arg")
+    else
+        app_cmd="$app_cmd $(quote "$arg")"
+    fi
+done
+
+printf '%s: restoring %s from %s (skipped if the database exists or the replica is empty)\n' \
+    "$prog" "$WALSHIP_DB" "$WALSHIP_REPLICA_URL" >&2
+if ! "$walship" restore --if-db-not-exists --if-replica-exists -o "$WALSHIP_DB" "$WALSHIP_REPLICA_URL"; then
+    printf '%s: error: restore failed; refusing to start the application on an empty or stale database (see docs/runbook-emergency.md)\n' "$prog" >&2
+    exit 1
+fi
+
+set -- replicate
+if [ -n "${WALSHIP_LISTEN:-}" ]; then
+    set -- "$@" --listen "$WALSHIP_LISTEN"
+fi
+
+printf '%s: starting replication of %s to %s; application: %s\n' \
+    "$prog" "$WALSHIP_DB" "$WALSHIP_REPLICA_URL" "$app_cmd" >&2
+exec "$walship" "$@" "$WALSHIP_DB" "$WALSHIP_REPLICA_URL" --exec "$app_cmd"
