@@ -1,0 +1,132 @@
+//! The engine's one error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use walship_format::FormatError;
+use walship_storage::StorageError;
+
+/// Result of an engine call.
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// What replicate and restore can fail with. Messages say what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The database does not exist.
+    #[error("database {} does not exist (check the path, or start the app once to create it)", path.display())]
+    MissingDatabase {
+        /// The path given.
+        path: PathBuf,
+    },
+
+    /// The database is not in WAL mode.
+    #[error(
+        "database {} is in `{mode}` journal mode, not WAL (run `PRAGMA journal_mode=WAL` in the app, \
+         or pass --enable-wal to let walship switch it)", path.display()
+    )]
+    NotWalMode {
+        /// The path.
+        path: PathBuf,
+        /// The mode found.
+        mode: String,
+    },
+
+    /// SQLite failed.
+    #[error("sqlite: {context}: {source}")]
+    Sqlite {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// A local file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The object store failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+
+    /// An object in the replica is damaged.
+    #[error("corrupt object `{key}`: {source}")]
+    Corrupt {
+        /// The object's key.
+        key: String,
+        /// What is wrong.
+        #[source]
+        source: FormatError,
+    },
+
+    /// The replica holds nothing restorable.
+    #[error("no restorable backup in {replica}{}", if .target.is_some() { " at or before the requested time" } else { "" })]
+    NothingToRestore {
+        /// The replica.
+        replica: String,
+        /// The requested point in time, if any.
+        target: Option<i64>,
+    },
+
+    /// The output of a restore exists.
+    #[error("{} already exists (pass --if-db-not-exists to keep it, or remove it first)", path.display())]
+    OutputExists {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// A restored database failed its integrity check.
+    #[error("restored database failed PRAGMA integrity_check: {0}")]
+    IntegrityCheck(String),
+
+    /// The work was cancelled (shutdown).
+    #[error("cancelled")]
+    Cancelled,
+
+    /// A background task panicked or was aborted.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl EngineError {
+    /// Wraps a SQLite error with context.
+    pub fn sqlite(context: impl Into<String>, source: rusqlite::Error) -> Self {
+        EngineError::Sqlite {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps an I/O error with context.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        EngineError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// True when trying again later can help (storage unavailable, SQLite busy).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EngineError::Storage(e) => e.is_transient(),
+            EngineError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for EngineError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        EngineError::Task(e.to_string())
+    }
+}

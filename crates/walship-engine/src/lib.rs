@@ -1,0 +1,46 @@
+//! walship's engine: replicate a live SQLite database into a replica, and restore it.
+//!
+//! - [`replicate::spawn`] starts a replicator task for one database and returns a
+//!   [`ReplicatorHandle`] (`sync().await`, `snapshot().await`, `status()`, `shutdown()`).
+//!   It holds a read transaction (the *pin*) so SQLite cannot restart the WAL past frames it
+//!   has not shipped, tails new frames, ships whole transactions as segments, hands the pin
+//!   off around checkpoints, writes snapshots, and starts a new generation whenever it
+//!   cannot prove the log continuous.
+//! - [`restore::restore`] rebuilds the newest (or a point-in-time) state into a file,
+//!   verifying every object, and moves it into place only once `PRAGMA integrity_check`
+//!   passed.
+//! - [`Replica`] lists generations, snapshots and segments from keys alone.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use walship_engine::{Replica, ReplicateOptions, RestoreOptions};
+//! let url: walship_storage::ReplicaUrl = "file:///var/backups/app".parse()?;
+//! let replica = Replica::new(walship_storage::open(&url, &Default::default()).await?);
+//! // At boot: restore if the database is missing.
+//! let db = std::path::Path::new("/data/app.db");
+//! if !db.exists() {
+//!     walship_engine::restore::restore(&replica, db, &RestoreOptions::default()).await?;
+//! }
+//! // Then replicate in the background until shutdown.
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! let (handle, task) = walship_engine::replicate::spawn(
+//!     db.to_path_buf(), replica, ReplicateOptions::default(), cancel.clone());
+//! // ... serve ...
+//! handle.sync().await?;   // everything committed so far is in the replica
+//! cancel.cancel();        // final sync, then stop
+//! task.await??;
+//! # Ok(()) }
+//! ```
+
+pub mod db;
+mod error;
+pub mod replica;
+pub mod replicate;
+pub mod restore;
+mod snapshot;
+mod walfile;
+
+pub use crate::error::{EngineError, EngineResult};
+pub use crate::replica::Replica;
+pub use crate::replicate::{ReplicateOptions, ReplicatorHandle, Status};
+pub use crate::restore::{RestoreOptions, RestoreReport};

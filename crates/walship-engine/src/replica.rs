@@ -1,0 +1,246 @@
+//! A replica: the objects of one database under one store prefix. Listing generations,
+//! snapshots and segments from keys alone, reading object headers, and uploading objects
+//! produced by a blocking encoder without holding them in memory.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use walship_format::key::{GENERATIONS_DIR, GenerationId, ObjectKey};
+use walship_format::object::{HEADER_SIZE, ObjectHeader, ObjectWriter};
+use walship_storage::{ObjectStore, PutBody, PutOptions, StorageError, list_all, list_dirs};
+
+use crate::error::{EngineError, EngineResult};
+
+/// Objects whose body is at most this many bytes are encoded in memory; larger ones stream.
+pub const IN_MEMORY_LIMIT: u64 = 8 * 1024 * 1024;
+
+/// One object found by a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Parsed key.
+    pub key: ObjectKey,
+    /// The key as stored.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The objects of one generation.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationObjects {
+    /// Snapshots, newest (highest position) first.
+    pub snapshots: Vec<Listed>,
+    /// Segments in log order (ascending start).
+    pub segments: Vec<Listed>,
+    /// Keys under the generation that are not walship objects.
+    pub foreign: Vec<String>,
+}
+
+/// A replica on an object store.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl Replica {
+    /// Wraps a store.
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Replica { store }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Describes the store for messages.
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// Generations, newest first. Names that are not generation ids are skipped.
+    pub async fn generations(&self) -> EngineResult<Vec<GenerationId>> {
+        let dirs = list_dirs(self.store.as_ref(), GENERATIONS_DIR).await?;
+        let mut out: Vec<GenerationId> = dirs
+            .iter()
+            .filter_map(|d| {
+                let name = d.strip_prefix(GENERATIONS_DIR)?.trim_end_matches('/');
+                GenerationId::parse_name(name)
+            })
+            .collect();
+        out.sort_by(|a, b| b.cmp(a));
+        Ok(out)
+    }
+
+    /// All objects of a generation.
+    pub async fn objects(&self, generation: GenerationId) -> EngineResult<GenerationObjects> {
+        let all = list_all(self.store.as_ref(), &generation.prefix(), None).await?;
+        let mut out = GenerationObjects::default();
+        for meta in all {
+            match ObjectKey::parse(&meta.key) {
+                Some(key @ ObjectKey::Snapshot { .. }) if key.generation() == generation => {
+                    out.snapshots.push(Listed {
+                        key,
+                        name: meta.key,
+                        size: meta.size,
+                    })
+                }
+                Some(key @ ObjectKey::Segment { .. }) if key.generation() == generation => {
+                    out.segments.push(Listed {
+                        key,
+                        name: meta.key,
+                        size: meta.size,
+                    })
+                }
+                _ => out.foreign.push(meta.key),
+            }
+        }
+        out.snapshots
+            .sort_by_key(|l| std::cmp::Reverse(snapshot_position(&l.key)));
+        out.segments.sort_by_key(|l| segment_range(&l.key));
+        Ok(out)
+    }
+
+    /// Reads and verifies an object's header (one ranged GET).
+    pub async fn read_header(&self, key: &str) -> EngineResult<ObjectHeader> {
+        let body = self
+            .store
+            .get(key, Some(0..HEADER_SIZE as u64))
+            .await?
+            .collect()
+            .await?;
+        ObjectHeader::decode(&body).map_err(|source| EngineError::Corrupt {
+            key: key.to_string(),
+            source,
+        })
+    }
+
+    /// Uploads an object whose raw body `produce` writes, on a blocking thread. Small
+    /// objects are encoded in memory; larger ones stream to the store in chunks.
+    pub async fn upload<F>(&self, key: &str, header: ObjectHeader, produce: F) -> EngineResult<u64>
+    where
+        F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+    {
+        let opts = PutOptions {
+            if_none_match: true,
+        };
+        if header.raw_len <= IN_MEMORY_LIMIT {
+            let bytes = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+                let mut w = ObjectWriter::new(Vec::new(), &header)?;
+                produce(&mut w)?;
+                w.finish()
+            })
+            .await?
+            .map_err(|e| EngineError::io("encode object", e))?;
+            let n = bytes.len() as u64;
+            self.put_retrying_exists(key, PutBody::Bytes(Bytes::from(bytes)), &opts)
+                .await?;
+            return Ok(n);
+        }
+        let (tx, rx) = mpsc::channel::<Result<Bytes, StorageError>>(4);
+        let producer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let sink = ChannelWriter::new(tx.clone());
+            let mut w = ObjectWriter::new(sink, &header)?;
+            let r = produce(&mut w).and_then(|()| w.finish()).and_then(|mut s| {
+                s.flush_chunk()?;
+                Ok(s.sent)
+            });
+            if let Err(e) = &r {
+                // Make the upload fail rather than complete a short object.
+                let _ = tx.blocking_send(Err(StorageError::io(
+                    "produce object body",
+                    io::Error::other(e.to_string()),
+                )));
+            }
+            r
+        });
+        let stream = tokio_stream_from(rx);
+        let put = self
+            .store
+            .put_with(key, PutBody::Stream(stream), &opts)
+            .await;
+        let produced = producer.await?;
+        put?;
+        produced.map_err(|e| EngineError::io("encode object", e))
+    }
+
+    async fn put_retrying_exists(
+        &self,
+        key: &str,
+        body: PutBody,
+        opts: &PutOptions,
+    ) -> EngineResult<()> {
+        match self.store.put_with(key, body, opts).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn snapshot_position(k: &ObjectKey) -> u64 {
+    match k {
+        ObjectKey::Snapshot { position, .. } => *position,
+        ObjectKey::Segment { end, .. } => *end,
+    }
+}
+
+fn segment_range(k: &ObjectKey) -> (u64, u64) {
+    match k {
+        ObjectKey::Segment { start, end, .. } => (*start, *end),
+        ObjectKey::Snapshot { position, .. } => (*position, *position),
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Bytes, StorageError>>,
+) -> walship_storage::ByteStream {
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).fuse())
+}
+
+/// A `Write` that sends 1 MiB chunks into a channel (from a blocking thread).
+struct ChannelWriter {
+    tx: mpsc::Sender<Result<Bytes, StorageError>>,
+    buf: Vec<u8>,
+    sent: u64,
+}
+
+const CHUNK: usize = 1 << 20;
+
+impl ChannelWriter {
+    fn new(tx: mpsc::Sender<Result<Bytes, StorageError>>) -> Self {
+        ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+            sent: 0,
+        }
+    }
+
+    fn flush_chunk(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.sent += chunk.len() as u64;
+        self.tx
+            .blocking_send(Ok(Bytes::from(chunk)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.flush_chunk()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

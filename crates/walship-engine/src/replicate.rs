@@ -1,0 +1,964 @@
+//! The replicator: pin, tail, checkpoint, snapshot (docs/ARCHITECTURE.md, "The pin
+//! protocol").
+//!
+//! One task per database. Each round it scans the WAL after its position, ships the new
+//! whole transactions as one segment, hands the pin off around a checkpoint when the WAL is
+//! long, and writes a snapshot when the snapshot interval passed and the database changed.
+//! Anything it cannot prove continuous starts a new generation with a fresh snapshot.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use walship_format::key::{self, GenerationId, ObjectKey};
+use walship_format::object::{FLAG_LZ4, Kind, ObjectHeader, WalState};
+use walship_format::wal::{Checksum, FrameChain, WalHeader};
+
+use crate::db::{CheckpointMode, Db};
+use crate::error::{EngineError, EngineResult};
+use crate::replica::Replica;
+use crate::snapshot::{db_pages_from_file, write_image};
+use crate::walfile::{self, FrameRef, Scan};
+
+/// Settings of a replicator.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    /// Longest time between a commit and its upload when nothing wakes the replicator
+    /// earlier (file notifications usually do); also the polling period. Default 1 s.
+    pub sync_interval: Duration,
+    /// Shortest time between two uploads while the app writes continuously, so a busy app
+    /// does not cost one request per transaction. Default 200 ms.
+    pub min_sync_gap: Duration,
+    /// A new snapshot after this long, if the database changed. Default 5 minutes.
+    pub snapshot_interval: Duration,
+    /// Hand the pin off around a PASSIVE checkpoint once the WAL holds this many frames.
+    /// Default 1000.
+    pub checkpoint_frames: u32,
+    /// How long to wait for the app's writer when taking the write lock for a handoff.
+    /// Default 1 s.
+    pub lock_timeout: Duration,
+    /// Switch a database that is not in WAL mode instead of refusing it.
+    pub enable_wal: bool,
+}
+
+impl Default for ReplicateOptions {
+    fn default() -> Self {
+        ReplicateOptions {
+            sync_interval: Duration::from_secs(1),
+            min_sync_gap: Duration::from_millis(200),
+            snapshot_interval: Duration::from_secs(300),
+            checkpoint_frames: 1000,
+            lock_timeout: Duration::from_secs(1),
+            enable_wal: false,
+        }
+    }
+}
+
+/// What the replicator reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Current generation.
+    pub generation: Option<GenerationId>,
+    /// Position of the last object uploaded.
+    pub position: u64,
+    /// When the last upload finished (ms since the epoch).
+    pub last_upload_ms: Option<i64>,
+    /// When the last snapshot finished (ms since the epoch).
+    pub last_snapshot_ms: Option<i64>,
+    /// When the replica last held everything committed (ms since the epoch).
+    pub last_synced_ms: Option<i64>,
+    /// Since when committed data has been waiting to be shipped (ms since the epoch).
+    pub unsynced_since_ms: Option<i64>,
+    /// The last error, cleared by the next successful sync.
+    pub last_error: Option<String>,
+    /// Objects uploaded.
+    pub objects_uploaded: u64,
+    /// Bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Generations started by this process.
+    pub generations_started: u64,
+    /// Checkpoints run.
+    pub checkpoints: u64,
+}
+
+enum Command {
+    Sync(oneshot::Sender<EngineResult<u64>>),
+    Snapshot(oneshot::Sender<EngineResult<u64>>),
+}
+
+/// A handle on a running replicator.
+#[derive(Debug, Clone)]
+pub struct ReplicatorHandle {
+    cmd: mpsc::Sender<Command>,
+    status: watch::Receiver<Status>,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Sync(_) => "Sync",
+            Command::Snapshot(_) => "Snapshot",
+        })
+    }
+}
+
+impl ReplicatorHandle {
+    /// Ships everything committed so far; returns the replica's position afterwards.
+    pub async fn sync(&self) -> EngineResult<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Sync(tx))
+            .await
+            .map_err(|_| EngineError::Cancelled)?;
+        rx.await.map_err(|_| EngineError::Cancelled)?
+    }
+
+    /// Writes a snapshot now (after a sync).
+    pub async fn snapshot(&self) -> EngineResult<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Snapshot(tx))
+            .await
+            .map_err(|_| EngineError::Cancelled)?;
+        rx.await.map_err(|_| EngineError::Cancelled)?
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Asks the replicator to make a final sync and stop.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Starts a replicator on the current tokio runtime. It stops (after a final sync) when
+/// `cancel` is cancelled or [`ReplicatorHandle::shutdown`] is called; the join handle
+/// yields its result.
+pub fn spawn(
+    db_path: PathBuf,
+    replica: Replica,
+    opts: ReplicateOptions,
+    cancel: CancellationToken,
+) -> (ReplicatorHandle, tokio::task::JoinHandle<EngineResult<()>>) {
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let (status_tx, status_rx) = watch::channel(Status::default());
+    let handle = ReplicatorHandle {
+        cmd: cmd_tx,
+        status: status_rx,
+        cancel: cancel.clone(),
+    };
+    let join = tokio::spawn(async move {
+        let r = Replicator::start(db_path, replica, opts, status_tx, cmd_rx, false).await;
+        match r {
+            Ok(rep) => rep.run(cancel).await,
+            Err(e) => Err(e),
+        }
+    });
+    (handle, join)
+}
+
+/// Writes one snapshot of `db_path` into a new generation of `replica` and returns
+/// `(generation, position, bytes)`. Safe while a replicator runs: it only reads.
+pub async fn snapshot_once(
+    db_path: &Path,
+    replica: Replica,
+    enable_wal: bool,
+) -> EngineResult<(GenerationId, u64, u64)> {
+    let (_cmd_tx, cmd_rx) = mpsc::channel(1);
+    let (status_tx, status_rx) = watch::channel(Status::default());
+    let opts = ReplicateOptions {
+        enable_wal,
+        ..Default::default()
+    };
+    let rep = Replicator::start(
+        db_path.to_path_buf(),
+        replica,
+        opts,
+        status_tx,
+        cmd_rx,
+        true,
+    )
+    .await?;
+    let st = status_rx.borrow().clone();
+    Ok((rep.tail.generation, rep.tail.position, st.bytes_uploaded))
+}
+
+/// The replicator's view of the log: what it has shipped (or queued) and how it got there.
+#[derive(Debug, Clone)]
+struct Tail {
+    generation: GenerationId,
+    /// WAL incarnations seen in this generation.
+    epoch: u32,
+    /// Header of the current incarnation; `None` while the database has no WAL.
+    hdr: Option<WalHeader>,
+    /// Chain after the last shipped frame of the current incarnation.
+    chain: Option<FrameChain>,
+    /// Database size at the last shipped commit.
+    db_pages: u32,
+    page_size: u32,
+    /// End position of the last object.
+    position: u64,
+    /// WAL state at `position` (goes into object headers).
+    pos_state: WalState,
+    /// Latest shipped frame of each page in the current incarnation.
+    overlay: HashMap<u32, FrameRef>,
+    /// Set when the pin was taken under the write lock with everything read: the
+    /// incarnation and frame count at that moment. One WAL restart seen while the tail is
+    /// still there is provably continuous.
+    clean_pin_at: Option<(Option<(u32, u32)>, u32)>,
+}
+
+impl Tail {
+    fn frames(&self) -> u32 {
+        self.chain.map_or(0, |c| c.frames())
+    }
+
+    fn salts(&self) -> Option<(u32, u32)> {
+        self.hdr.map(|h| (h.salt1, h.salt2))
+    }
+
+    fn wal_state_now(&self) -> WalState {
+        match (self.hdr, self.chain) {
+            (Some(h), Some(c)) => WalState {
+                magic: h.magic,
+                checkpoint_seq: h.checkpoint_seq,
+                salt1: h.salt1,
+                salt2: h.salt2,
+                checksum: c.checksum(),
+            },
+            _ => WalState::default(),
+        }
+    }
+}
+
+/// What a look at the WAL found.
+enum Observed {
+    Nothing,
+    Frames(Scan),
+    Break(String),
+}
+
+struct Replicator {
+    db: Arc<Mutex<Db>>,
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    replica: Replica,
+    opts: ReplicateOptions,
+    tail: Tail,
+    status: watch::Sender<Status>,
+    cmds: mpsc::Receiver<Command>,
+    wake: Arc<Notify>,
+    _watcher: Option<notify::RecommendedWatcher>,
+    last_snapshot: Instant,
+    changed_since_snapshot: bool,
+    last_handoff: Instant,
+    last_sync: Instant,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What the replica's newest object says about where it ended.
+#[derive(Debug, Clone, Copy)]
+struct ReplicaEnd {
+    generation: GenerationId,
+    header: ObjectHeader,
+}
+
+async fn replica_end(
+    replica: &Replica,
+) -> EngineResult<(Option<ReplicaEnd>, Option<GenerationId>)> {
+    let gens = replica.generations().await?;
+    let newest = gens.first().copied();
+    let Some(generation) = newest else {
+        return Ok((None, None));
+    };
+    let objs = replica.objects(generation).await?;
+    // The end of the chain from the newest snapshot.
+    let Some(snap) = objs.snapshots.first() else {
+        return Ok((None, newest));
+    };
+    let ObjectKey::Snapshot { position, .. } = snap.key else {
+        return Ok((None, newest));
+    };
+    let mut end = position;
+    let mut last_name = snap.name.clone();
+    for seg in &objs.segments {
+        if let ObjectKey::Segment { start, end: e, .. } = seg.key
+            && start == end
+        {
+            end = e;
+            last_name = seg.name.clone();
+        }
+    }
+    match replica.read_header(&last_name).await {
+        Ok(header) if header.generation == generation.0 && header.end == end => {
+            Ok((Some(ReplicaEnd { generation, header }), newest))
+        }
+        Ok(_) | Err(EngineError::Corrupt { .. }) => Ok((None, newest)),
+        Err(e) => Err(e),
+    }
+}
+
+/// The result of taking a clean pin and reading the WAL from its start.
+struct Established {
+    hdr: Option<WalHeader>,
+    scan: Option<Scan>,
+    page_size: u32,
+    db_pages: u32,
+    clean: bool,
+}
+
+fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
+    // Take the write lock so nothing is appended while the pin is re-taken and the WAL read.
+    let mut clean = false;
+    for _ in 0..10 {
+        if db.lock(lock_timeout)? {
+            clean = true;
+            break;
+        }
+    }
+    if !clean {
+        tracing::warn!(db = %db.path().display(), "could not take the write lock; pinning without it");
+    }
+    let r = (|| {
+        db.unpin()?;
+        db.pin()?;
+        let wal_path = db.wal_path();
+        let hdr =
+            walfile::read_header(&wal_path).map_err(|e| EngineError::io("read WAL header", e))?;
+        let scan = match &hdr {
+            Some(h) => Some(
+                walfile::scan(&wal_path, h, FrameChain::from_header(h), u32::MAX)
+                    .map_err(|e| EngineError::io("read WAL", e))?,
+            ),
+            None => None,
+        };
+        let page_size = match &hdr {
+            Some(h) => h.page_size,
+            None => db.page_size()?,
+        };
+        let db_pages = match scan.as_ref().and_then(|s| s.db_pages) {
+            Some(p) => p,
+            None => db_pages_from_file(db.path(), page_size)
+                .map_err(|e| EngineError::io("read database header", e))?,
+        };
+        Ok(Established {
+            hdr,
+            scan,
+            page_size,
+            db_pages,
+            clean,
+        })
+    })();
+    db.unlock()?;
+    r
+}
+
+impl Replicator {
+    async fn start(
+        db_path: PathBuf,
+        replica: Replica,
+        opts: ReplicateOptions,
+        status: watch::Sender<Status>,
+        cmds: mpsc::Receiver<Command>,
+        force_new: bool,
+    ) -> EngineResult<Replicator> {
+        let p = db_path.clone();
+        let enable = opts.enable_wal;
+        let db = tokio::task::spawn_blocking(move || Db::open(&p, enable)).await??;
+        let wal_path = db.wal_path();
+        let db = Arc::new(Mutex::new(db));
+        let wake = Arc::new(Notify::new());
+        let watcher = watch_files(&db_path, wake.clone());
+        let (end, newest) = replica_end(&replica).await?;
+        let end = if force_new { None } else { end };
+        let tail = Tail {
+            generation: GenerationId(0),
+            epoch: 0,
+            hdr: None,
+            chain: None,
+            db_pages: 0,
+            page_size: 0,
+            position: 0,
+            pos_state: WalState::default(),
+            overlay: HashMap::new(),
+            clean_pin_at: None,
+        };
+        let mut rep = Replicator {
+            db,
+            db_path,
+            wal_path,
+            replica,
+            opts,
+            tail,
+            status,
+            cmds,
+            wake,
+            _watcher: watcher,
+            last_snapshot: Instant::now(),
+            changed_since_snapshot: false,
+            last_handoff: Instant::now(),
+            last_sync: Instant::now(),
+        };
+        rep.begin(end, newest).await?;
+        Ok(rep)
+    }
+
+    fn span_db(&self) -> String {
+        self.db_path.display().to_string()
+    }
+
+    /// Takes a clean pin and either resumes the replica's newest generation (when the WAL
+    /// on disk provably continues it) or starts a new generation with a snapshot.
+    async fn begin(
+        &mut self,
+        end: Option<ReplicaEnd>,
+        newest: Option<GenerationId>,
+    ) -> EngineResult<()> {
+        let db = self.db.clone();
+        let timeout = self.opts.lock_timeout;
+        let est = tokio::task::spawn_blocking(move || {
+            let mut db = db
+                .lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
+            establish(&mut db, timeout)
+        })
+        .await??;
+        let resumed = end.and_then(|end| self.try_resume(&est, end));
+        match resumed {
+            Some(tail) => {
+                tracing::info!(db = %self.span_db(), generation = %tail.generation, position = tail.position, "resuming replica");
+                self.tail = tail;
+                self.changed_since_snapshot = true;
+                self.publish(|s| s.generation = Some(self.tail.generation));
+                Ok(())
+            }
+            None => self.new_generation(est, newest).await,
+        }
+    }
+
+    fn try_resume(&self, est: &Established, end: ReplicaEnd) -> Option<Tail> {
+        let h = est.hdr?;
+        let oh = end.header;
+        if oh.page_size != est.page_size || oh.wal.salt1 != h.salt1 || oh.wal.salt2 != h.salt2 {
+            return None;
+        }
+        if oh.wal.checkpoint_seq != h.checkpoint_seq {
+            return None;
+        }
+        let (epoch, frames) = key::split_position(oh.end);
+        let scan = est.scan.as_ref()?;
+        let checksum = if frames == 0 {
+            h.checksum
+        } else {
+            scan.frames.iter().find(|f| f.index == frames)?.checksum
+        };
+        if checksum != oh.wal.checksum {
+            return None;
+        }
+        let mut overlay = HashMap::new();
+        for f in scan.frames.iter().filter(|f| f.index <= frames) {
+            overlay.insert(f.pgno, *f);
+        }
+        Some(Tail {
+            generation: end.generation,
+            epoch,
+            hdr: Some(h),
+            chain: Some(FrameChain::resume(
+                h.big_endian(),
+                (h.salt1, h.salt2),
+                h.page_size,
+                checksum,
+                frames,
+            )),
+            db_pages: oh.db_pages,
+            page_size: est.page_size,
+            position: oh.end,
+            pos_state: oh.wal,
+            overlay,
+            clean_pin_at: est.clean.then(|| (Some((h.salt1, h.salt2)), scan.end())),
+        })
+    }
+
+    async fn new_generation(
+        &mut self,
+        est: Established,
+        newest: Option<GenerationId>,
+    ) -> EngineResult<()> {
+        let rand: u32 = rand::random();
+        let generation = GenerationId::new_after(now_ms(), rand, newest);
+        let frames = est.scan.as_ref().map_or(0, |s| s.end());
+        let mut overlay = HashMap::new();
+        if let Some(s) = &est.scan {
+            for f in &s.frames {
+                overlay.insert(f.pgno, *f);
+            }
+        }
+        let chain = est.scan.as_ref().map(|s| s.chain);
+        let mut tail = Tail {
+            generation,
+            epoch: 0,
+            hdr: est.hdr,
+            chain,
+            db_pages: est.db_pages,
+            page_size: est.page_size,
+            position: key::position(0, frames),
+            pos_state: WalState::default(),
+            overlay,
+            clean_pin_at: est
+                .clean
+                .then(|| (est.hdr.map(|h| (h.salt1, h.salt2)), frames)),
+        };
+        tail.pos_state = tail.wal_state_now();
+        tracing::info!(db = %self.span_db(), %generation, position = tail.position, pages = tail.db_pages, "starting a new generation");
+        self.tail = tail;
+        self.write_snapshot().await?;
+        self.publish(|s| {
+            s.generations_started += 1;
+            s.generation = Some(generation);
+        });
+        Ok(())
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut Status)) {
+        self.status.send_modify(f);
+    }
+
+    /// Uploads a snapshot of the tail's position. The pin must be held and not handed off
+    /// until it finishes (the loop is sequential, so it is).
+    async fn write_snapshot(&mut self) -> EngineResult<u64> {
+        let t0 = Instant::now();
+        let tail = &self.tail;
+        let ts = now_ms();
+        let header = ObjectHeader {
+            kind: Kind::Snapshot,
+            flags: FLAG_LZ4,
+            generation: tail.generation.0,
+            start: tail.position,
+            end: tail.position,
+            page_size: tail.page_size,
+            db_pages: tail.db_pages,
+            timestamp_ms: ts,
+            wal: tail.pos_state,
+            start_checksum: Checksum::default(),
+            frames: 0,
+            raw_len: u64::from(tail.db_pages) * u64::from(tail.page_size),
+        };
+        let key = ObjectKey::Snapshot {
+            generation: tail.generation,
+            position: tail.position,
+            timestamp_ms: ts,
+        }
+        .format();
+        let db_path = self.db_path.clone();
+        let wal_path = self.wal_path.clone();
+        let hdr = tail.hdr;
+        let overlay = tail.overlay.clone();
+        let (pages, ps) = (tail.db_pages, tail.page_size);
+        let bytes = self
+            .replica
+            .upload(&key, header, move |w| {
+                write_image(&db_path, &wal_path, hdr.as_ref(), &overlay, pages, ps, w)
+            })
+            .await?;
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = self.tail.position, bytes, elapsed_ms, "snapshot uploaded");
+        self.last_snapshot = Instant::now();
+        self.changed_since_snapshot = false;
+        let done = now_ms();
+        self.publish(|s| {
+            s.last_snapshot_ms = Some(done);
+            s.last_upload_ms = Some(done);
+            s.objects_uploaded += 1;
+            s.bytes_uploaded += bytes;
+            s.position = s.position.max(header.end);
+        });
+        Ok(bytes)
+    }
+
+    /// Looks at the WAL (blocking): new frames, a restart, or a break.
+    async fn observe(&self) -> EngineResult<Observed> {
+        let db = self.db.clone();
+        let tail = self.tail.clone();
+        let wal_path = self.wal_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = db
+                .lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
+            observe_wal(&db, &wal_path, &tail)
+        })
+        .await?
+    }
+
+    /// Ships everything committed. Returns true if anything was uploaded.
+    async fn sync_once(&mut self) -> EngineResult<bool> {
+        self.last_sync = Instant::now();
+        let mut shipped = false;
+        // A restart seen mid-way is handled by observing again.
+        for _ in 0..3 {
+            match self.observe().await? {
+                Observed::Nothing => break,
+                Observed::Break(reason) => {
+                    tracing::warn!(db = %self.span_db(), generation = %self.tail.generation, %reason, "WAL continuity broken; starting a new generation");
+                    let newest = Some(self.tail.generation);
+                    self.begin(None, newest).await?;
+                    return Ok(true);
+                }
+                Observed::Frames(scan) => {
+                    if let Some(h) = scan_restart_header(&self.tail, &scan) {
+                        // The scan is of a new incarnation accepted as continuous.
+                        self.tail.epoch += 1;
+                        self.tail.hdr = Some(h);
+                        self.tail.chain = Some(FrameChain::from_header(&h));
+                        self.tail.overlay.clear();
+                        self.tail.clean_pin_at = None;
+                        tracing::debug!(db = %self.span_db(), epoch = self.tail.epoch, "WAL restarted; continuing");
+                    }
+                    if scan.frames.is_empty() {
+                        continue;
+                    }
+                    self.ship(scan).await?;
+                    shipped = true;
+                    break;
+                }
+            }
+        }
+        let now = now_ms();
+        self.publish(|s| {
+            s.last_synced_ms = Some(now);
+            s.unsynced_since_ms = None;
+            s.last_error = None;
+        });
+        Ok(shipped)
+    }
+
+    async fn ship(&mut self, scan: Scan) -> EngineResult<()> {
+        let t0 = Instant::now();
+        let Some(hdr) = self.tail.hdr else {
+            return Err(EngineError::Task("frames without a WAL header".into()));
+        };
+        let start_checksum = self.tail.chain.map_or(hdr.checksum, |c| c.checksum());
+        let n = scan.frames.len() as u32;
+        let end = key::position(self.tail.epoch, scan.end());
+        let wal = WalState {
+            magic: hdr.magic,
+            checkpoint_seq: hdr.checkpoint_seq,
+            salt1: hdr.salt1,
+            salt2: hdr.salt2,
+            checksum: scan.chain.checksum(),
+        };
+        let db_pages = scan.db_pages.unwrap_or(self.tail.db_pages);
+        let ts = now_ms();
+        let header = ObjectHeader {
+            kind: Kind::Segment,
+            flags: FLAG_LZ4,
+            generation: self.tail.generation.0,
+            start: self.tail.position,
+            end,
+            page_size: hdr.page_size,
+            db_pages,
+            timestamp_ms: ts,
+            wal,
+            start_checksum,
+            frames: n,
+            raw_len: u64::from(n) * hdr.frame_size(),
+        };
+        let key = ObjectKey::Segment {
+            generation: self.tail.generation,
+            start: self.tail.position,
+            end,
+            timestamp_ms: ts,
+        }
+        .format();
+        let wal_path = self.wal_path.clone();
+        let frames = scan.frames.clone();
+        let bytes = self
+            .replica
+            .upload(&key, header, move |w| {
+                walfile::copy_frames(&wal_path, &hdr, &frames, w)
+            })
+            .await?;
+        for f in &scan.frames {
+            self.tail.overlay.insert(f.pgno, *f);
+        }
+        self.tail.chain = Some(scan.chain);
+        self.tail.position = end;
+        self.tail.pos_state = wal;
+        self.tail.db_pages = db_pages;
+        self.changed_since_snapshot = true;
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = end, frames = n, bytes, elapsed_ms, "segment uploaded");
+        let done = now_ms();
+        self.publish(|s| {
+            s.position = end;
+            s.last_upload_ms = Some(done);
+            s.objects_uploaded += 1;
+            s.bytes_uploaded += bytes;
+        });
+        Ok(())
+    }
+
+    /// Hands the pin off around a PASSIVE checkpoint: under the write lock, ship what is
+    /// left, release the pin, checkpoint, re-take the pin, release the lock.
+    async fn handoff(&mut self) -> EngineResult<()> {
+        let db = self.db.clone();
+        let timeout = self.opts.lock_timeout;
+        let got = tokio::task::spawn_blocking(move || {
+            let mut db = db
+                .lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
+            db.lock(timeout)
+        })
+        .await??;
+        if !got {
+            tracing::debug!(db = %self.span_db(), "app busy; checkpoint postponed");
+            return Ok(());
+        }
+        let r = self.handoff_locked().await;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = db
+                .lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
+            db.unlock()
+        })
+        .await??;
+        self.last_handoff = Instant::now();
+        r
+    }
+
+    async fn handoff_locked(&mut self) -> EngineResult<()> {
+        // Nothing can be appended now: ship the rest.
+        let generation = self.tail.generation;
+        self.sync_once().await?;
+        if self.tail.generation != generation {
+            // The sync started a new generation, which took its own clean pin.
+            return Ok(());
+        }
+        let db = self.db.clone();
+        let wal_path = self.wal_path.clone();
+        let tail = self.tail.clone();
+        let (res, hdr) = tokio::task::spawn_blocking(move || -> EngineResult<_> {
+            let mut db = db
+                .lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
+            // Still at the end? (Under the lock it cannot move, unless the sync failed.)
+            let hdr = walfile::read_header(&wal_path)
+                .map_err(|e| EngineError::io("read WAL header", e))?;
+            if hdr.map(|h| (h.salt1, h.salt2)) != tail.salts() {
+                return Ok((None, hdr));
+            }
+            if let (Some(h), Some(c)) = (hdr, tail.chain) {
+                let s = walfile::scan(&wal_path, &h, c, 1)
+                    .map_err(|e| EngineError::io("read WAL", e))?;
+                if !s.frames.is_empty() {
+                    return Ok((None, hdr));
+                }
+            }
+            db.unpin()?;
+            let res = db.checkpoint(CheckpointMode::Passive);
+            db.pin()?;
+            Ok((Some(res?), hdr))
+        })
+        .await??;
+        if let Some(res) = res {
+            self.tail.clean_pin_at = Some((hdr.map(|h| (h.salt1, h.salt2)), self.tail.frames()));
+            tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, "checkpoint");
+            self.publish(|s| s.checkpoints += 1);
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, cancel: CancellationToken) -> EngineResult<()> {
+        let mut tick = tokio::time::interval(self.opts.sync_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut reply: Option<Command> = None;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {
+                    let since = self.last_sync.elapsed();
+                    if since < self.opts.min_sync_gap {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(self.opts.min_sync_gap - since) => {}
+                        }
+                    }
+                }
+                cmd = self.cmds.recv() => reply = cmd,
+            }
+            let r = self.round(&reply).await;
+            if let Err(e) = &r {
+                tracing::warn!(db = %self.span_db(), error = %e, "sync failed; will retry");
+                let msg = e.to_string();
+                let now = now_ms();
+                self.publish(|s| {
+                    s.last_error = Some(msg);
+                    s.unsynced_since_ms.get_or_insert(now);
+                });
+            }
+            match reply {
+                Some(Command::Sync(tx)) => {
+                    let _ = tx.send(r.map(|()| self.tail.position));
+                }
+                Some(Command::Snapshot(tx)) => {
+                    let r = match r {
+                        Ok(()) => self.write_snapshot().await.map(|_| self.tail.position),
+                        Err(e) => Err(e),
+                    };
+                    let _ = tx.send(r);
+                }
+                None => {}
+            }
+        }
+        // Final sync: everything committed before the stop is shipped.
+        let t0 = Instant::now();
+        let r = self.sync_once().await;
+        match &r {
+            Ok(_) => {
+                tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = self.tail.position, elapsed_ms = t0.elapsed().as_millis() as u64, "final sync done")
+            }
+            Err(e) => tracing::error!(db = %self.span_db(), error = %e, "final sync failed"),
+        }
+        r.map(|_| ())
+    }
+
+    async fn round(&mut self, _cmd: &Option<Command>) -> EngineResult<()> {
+        if !self.db_still_there() {
+            return Err(EngineError::MissingDatabase {
+                path: self.db_path.clone(),
+            });
+        }
+        self.sync_once().await?;
+        if self.tail.frames() >= self.opts.checkpoint_frames
+            && (self.last_handoff.elapsed() >= self.opts.sync_interval * 5
+                || self.tail.frames() >= self.opts.checkpoint_frames.saturating_mul(10))
+        {
+            self.handoff().await?;
+        }
+        if self.changed_since_snapshot
+            && self.last_snapshot.elapsed() >= self.opts.snapshot_interval
+        {
+            self.write_snapshot().await?;
+        }
+        Ok(())
+    }
+
+    fn db_still_there(&mut self) -> bool {
+        self.db.lock().map(|db| db.path().exists()).unwrap_or(false)
+    }
+}
+
+/// If `scan` is of an incarnation other than the tail's, its header.
+fn scan_restart_header(tail: &Tail, scan: &Scan) -> Option<WalHeader> {
+    if Some(scan.chain.salts()) == tail.salts() {
+        return None;
+    }
+    scan.header
+}
+
+fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> {
+    if !db.still_same_file() {
+        return Ok(Observed::Break(
+            "the database file was replaced or removed".into(),
+        ));
+    }
+    let Some(h) =
+        walfile::read_header(wal_path).map_err(|e| EngineError::io("read WAL header", e))?
+    else {
+        return Ok(Observed::Nothing);
+    };
+    if h.page_size != tail.page_size {
+        return Ok(Observed::Break(format!(
+            "page size changed from {} to {}",
+            tail.page_size, h.page_size
+        )));
+    }
+    let same = tail.hdr.is_some_and(|t| {
+        (t.salt1, t.salt2, t.checkpoint_seq, t.magic)
+            == (h.salt1, h.salt2, h.checkpoint_seq, h.magic)
+    });
+    if same {
+        let chain = tail.chain.unwrap_or_else(|| FrameChain::from_header(&h));
+        let mut s = walfile::scan(wal_path, &h, chain, u32::MAX)
+            .map_err(|e| EngineError::io("read WAL", e))?;
+        if s.frames.is_empty() {
+            return Ok(Observed::Nothing);
+        }
+        s.header = None;
+        return Ok(Observed::Frames(s));
+    }
+    // A new incarnation. Continuous only under a clean pin with nothing shipped since, and
+    // exactly one restart after the one we know.
+    let at_clean_pin = tail.clean_pin_at == Some((tail.salts(), tail.frames()));
+    let one_restart = match tail.hdr {
+        None => true,
+        Some(t) => {
+            h.salt1 == t.salt1.wrapping_add(1)
+                && h.checkpoint_seq == t.checkpoint_seq.wrapping_add(1)
+        }
+    };
+    if !(at_clean_pin && one_restart) {
+        return Ok(Observed::Break(format!(
+            "WAL restarted (salt-1 {:#x}, checkpoint {}) without proof that nothing was lost",
+            h.salt1, h.checkpoint_seq
+        )));
+    }
+    let mut s = walfile::scan(wal_path, &h, FrameChain::from_header(&h), u32::MAX)
+        .map_err(|e| EngineError::io("read WAL", e))?;
+    s.header = Some(h);
+    Ok(Observed::Frames(s))
+}
+
+/// Watches the database's directory; any event on the database or its WAL wakes the loop.
+fn watch_files(db_path: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = db_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
+    let wal_name = crate::db::wal_path(db_path)
+        .file_name()
+        .map(|n| n.to_os_string());
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == wal_name)
+        {
+            wake.notify_one();
+        }
+    })
+    .ok()?;
+    match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "file notifications unavailable; polling only");
+            None
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use walship_storage::{ChecksumMode, S3Options, ServerSideEncryption};
+
+use crate::duration::Dur;
+
+/// Continuous replication of a SQLite database to object storage.
+#[derive(Debug, Parser)]
+#[command(name = "walship", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter); WALSHIP_LOG
+    /// overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// Log JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replicate a database continuously until SIGTERM/SIGINT (then a final sync).
+    Replicate(ReplicateArgs),
+    /// Restore the newest (or a point-in-time) state of a replica into a file.
+    Restore(RestoreArgs),
+    /// Write one full snapshot now (for a pre-deploy hook or cron).
+    Snapshot(SnapshotArgs),
+    /// List the generations and snapshots of a replica.
+    Generations(GenerationsArgs),
+}
+
+/// Settings of S3 replicas.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Server-side encryption to request on every upload: AES256 or aws:kms.
+    #[arg(long, env = "WALSHIP_SSE")]
+    pub sse: Option<String>,
+    /// KMS key id for --sse aws:kms.
+    #[arg(long, env = "WALSHIP_SSE_KMS_KEY_ID")]
+    pub sse_kms_key_id: Option<String>,
+    /// Request checksums: when-required (default; works with most S3-compatible stores) or
+    /// when-supported.
+    #[arg(long, env = "WALSHIP_S3_CHECKSUM", default_value = "when-required")]
+    pub s3_checksum: String,
+}
+
+impl StoreArgs {
+    /// Applies these settings.
+    pub fn apply(&self, s3: &mut S3Options) -> anyhow::Result<()> {
+        s3.sse = match self.sse.as_deref() {
+            None | Some("") => None,
+            Some("AES256") => Some(ServerSideEncryption::Aes256),
+            Some("aws:kms") => Some(ServerSideEncryption::Kms {
+                key_id: self.sse_kms_key_id.clone(),
+            }),
+            Some(other) => anyhow::bail!("--sse `{other}` is not AES256 or aws:kms"),
+        };
+        s3.checksum = match self.s3_checksum.as_str() {
+            "when-required" => ChecksumMode::WhenRequired,
+            "when-supported" => ChecksumMode::WhenSupported,
+            other => {
+                anyhow::bail!("--s3-checksum `{other}` is not when-required or when-supported")
+            }
+        };
+        Ok(())
+    }
+}
+
+/// `walship replicate`.
+#[derive(Debug, Args)]
+pub struct ReplicateArgs {
+    /// The database to replicate.
+    pub db: Option<PathBuf>,
+    /// Where to: file:///dir or s3://bucket/prefix?endpoint=...&region=...&force-path-style=true
+    pub replica_url: Option<String>,
+    /// Run this command (through /bin/sh) once replication is up; forward signals to it;
+    /// exit with its status after a final sync.
+    #[arg(long)]
+    pub exec: Option<String>,
+    /// Longest delay between a commit and its upload.
+    #[arg(long, default_value = "1s")]
+    pub sync_interval: Dur,
+    /// Time between snapshots (only taken when the database changed).
+    #[arg(long, default_value = "5m")]
+    pub snapshot_interval: Dur,
+    /// Checkpoint once the WAL holds this many frames.
+    #[arg(long, default_value_t = 1000)]
+    pub checkpoint_frames: u32,
+    /// How long the final sync may take after SIGTERM/SIGINT.
+    #[arg(long, default_value = "30s")]
+    pub shutdown_timeout: Dur,
+    /// Switch a database that is not in WAL mode to WAL instead of refusing it.
+    #[arg(long)]
+    pub enable_wal: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `walship restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Where to write the database.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Restore the state as of this time (RFC 3339), not the newest.
+    #[arg(long)]
+    pub timestamp: Option<String>,
+    /// Do nothing (exit 0) if OUTPUT exists.
+    #[arg(long)]
+    pub if_db_not_exists: bool,
+    /// Do nothing (exit 0) if the replica holds no backup.
+    #[arg(long)]
+    pub if_replica_exists: bool,
+    /// Replace OUTPUT if it exists (and its -wal and -shm).
+    #[arg(long)]
+    pub force: bool,
+    /// Downloads in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallelism: usize,
+    /// The replica: file:///dir or s3://bucket/prefix?...
+    pub replica_url: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `walship snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The database.
+    pub db: PathBuf,
+    /// The replica.
+    pub replica_url: String,
+    /// Switch a database that is not in WAL mode to WAL instead of refusing it.
+    #[arg(long)]
+    pub enable_wal: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// `walship generations`.
+#[derive(Debug, Args)]
+pub struct GenerationsArgs {
+    /// The replica.
+    pub replica_url: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
