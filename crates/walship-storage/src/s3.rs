@@ -1,0 +1,1018 @@
+//! [`S3Store`]: AWS S3 and S3-compatible stores (Cloudflare R2, MinIO, ...) on aws-sdk-s3.
+//!
+//! Credentials come from the SDK's default chain — environment, profile, web identity
+//! (`AWS_ROLE_ARN` + `AWS_WEB_IDENTITY_TOKEN_FILE`, as on fly.io), container and instance
+//! metadata — unless [`S3Options::credentials`] gives static ones. Nothing here logs or prints
+//! a credential.
+//!
+//! Puts below [`S3Options::multipart_threshold`] are one `PutObject`; larger ones, and streams
+//! that turn out larger, are multipart uploads that buffer one part at a time and are aborted
+//! on error. `if_none_match` sends `If-None-Match: *` (on `CompleteMultipartUpload` for a
+//! multipart upload), and the 412 it earns becomes [`StorageError::AlreadyExists`].
+//!
+//! Recent SDK releases add CRC checksums with aws-chunked bodies to every upload, which some
+//! S3-compatible stores refuse; [`ChecksumMode::WhenRequired`], the default, sends checksums
+//! only where the API requires one.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::meta::region::RegionProviderChain;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+
+use crate::error::{StorageError, StorageResult};
+use crate::local::{MAX_KEYS, check_key, check_prefix};
+use crate::{
+    ByteStream, GetObject, ListPage, ListRequest, ObjectMeta, ObjectStore, PutBody, PutOptions,
+    ReplicaUrl,
+};
+
+const MIB: usize = 1 << 20;
+/// S3's smallest part (all but the last).
+const MIN_PART_SIZE: usize = 5 * MIB;
+/// S3's largest part.
+const MAX_PART_SIZE: usize = 5 * 1024 * MIB;
+/// S3's most parts in one upload.
+const MAX_PARTS: i32 = 10_000;
+
+/// Server-side encryption asked of the store on every put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerSideEncryption {
+    /// SSE-S3 (`AES256`).
+    Aes256,
+    /// SSE-KMS, with the given key or the bucket's default KMS key.
+    Kms {
+        /// The KMS key id or ARN; `None` = the account's default `aws/s3` key.
+        key_id: Option<String>,
+    },
+}
+
+/// When the SDK computes request checksums and validates response checksums.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChecksumMode {
+    /// Only where an API requires one (e.g. `DeleteObjects`). Works with every S3-compatible
+    /// store.
+    #[default]
+    WhenRequired,
+    /// On every request that supports one (CRC32, aws-chunked bodies); AWS S3 itself accepts
+    /// this, some S3-compatible stores do not.
+    WhenSupported,
+}
+
+/// Static credentials, for tests or stores outside AWS's credential chain. The secret never
+/// appears in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticCredentials {
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Session token, for temporary credentials.
+    pub session_token: Option<String>,
+}
+
+impl StaticCredentials {
+    /// Credentials from a key pair.
+    pub fn new(access_key_id: impl Into<String>, secret_access_key: impl Into<String>) -> Self {
+        StaticCredentials {
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            session_token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Settings of an [`S3Store`]. The replica URL's `endpoint`, `region` and `force-path-style`
+/// override the fields of the same names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Options {
+    /// The store's URL, e.g. `http://127.0.0.1:9000`; `None` = AWS S3 (or `AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    /// The signing region; `None` = `AWS_REGION` / the profile, else `us-east-1` when an
+    /// endpoint is given.
+    pub region: Option<String>,
+    /// Address buckets in the path (`http://host/bucket/key`); `None` = true when an endpoint
+    /// is given, false for AWS.
+    pub force_path_style: Option<bool>,
+    /// Puts larger than this use a multipart upload. Default 16 MiB.
+    pub multipart_threshold: usize,
+    /// Part size of multipart uploads, at least 5 MiB. Default 8 MiB.
+    pub part_size: usize,
+    /// Server-side encryption to ask for on every put.
+    pub sse: Option<ServerSideEncryption>,
+    /// Checksum behaviour; default [`ChecksumMode::WhenRequired`].
+    pub checksum: ChecksumMode,
+    /// Static credentials instead of the SDK's default chain.
+    pub credentials: Option<StaticCredentials>,
+    /// Attempts the SDK makes per request, itself included (the SDK retries throttling,
+    /// 5xx and connection errors; [`crate::RetryStore`] retries on top). Default 3.
+    pub sdk_max_attempts: u32,
+    /// Time to establish a connection. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Time for one attempt of one request (until the response starts). Default 60 s.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            endpoint: None,
+            region: None,
+            force_path_style: None,
+            multipart_threshold: 16 * MIB,
+            part_size: 8 * MIB,
+            sse: None,
+            checksum: ChecksumMode::WhenRequired,
+            credentials: None,
+            sdk_max_attempts: 3,
+            connect_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A bucket (and key prefix) on S3 or an S3-compatible store.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// Empty, or the URL's prefix followed by `/`.
+    key_prefix: String,
+    /// `s3://bucket/prefix`.
+    describe: String,
+    /// The endpoint, or `AWS S3 (region)`, for messages about reaching it.
+    target: String,
+    multipart_threshold: usize,
+    part_size: usize,
+    sse: Option<ServerSideEncryption>,
+    checksum: ChecksumMode,
+}
+
+impl S3Store {
+    /// Builds the store an `s3://` URL names. Makes no request (see [`crate::check_access`]);
+    /// may read the environment and profile files for the region and credentials.
+    pub async fn from_url(url: &ReplicaUrl, opts: &S3Options) -> StorageResult<Self> {
+        let ReplicaUrl::S3 {
+            bucket,
+            prefix,
+            endpoint,
+            region,
+            force_path_style,
+        } = url
+        else {
+            return Err(StorageError::InvalidUrl {
+                url: url.to_string(),
+                reason: "not an s3:// URL".to_string(),
+            });
+        };
+        let invalid = |reason: String| StorageError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&opts.part_size) {
+            return Err(invalid(format!(
+                "part size {} is outside S3's 5 MiB ..= 5 GiB",
+                opts.part_size
+            )));
+        }
+        let endpoint = endpoint.clone().or_else(|| opts.endpoint.clone());
+        let region = match region.clone().or_else(|| opts.region.clone()) {
+            Some(r) => Region::new(r),
+            None => resolve_region(endpoint.is_some()).await.ok_or_else(|| {
+                invalid(
+                    "no region: add ?region=... to the replica URL or set AWS_REGION".to_string(),
+                )
+            })?,
+        };
+        let force_path_style = force_path_style
+            .or(opts.force_path_style)
+            .unwrap_or(endpoint.is_some());
+
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(opts.connect_timeout)
+            .operation_attempt_timeout(opts.attempt_timeout)
+            .build();
+        let (request_checksums, response_checksums) = match opts.checksum {
+            ChecksumMode::WhenRequired => (
+                RequestChecksumCalculation::WhenRequired,
+                ResponseChecksumValidation::WhenRequired,
+            ),
+            ChecksumMode::WhenSupported => (
+                RequestChecksumCalculation::WhenSupported,
+                ResponseChecksumValidation::WhenSupported,
+            ),
+        };
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(region.clone())
+            .timeout_config(timeouts)
+            .retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(opts.sdk_max_attempts.max(1)),
+            )
+            .request_checksum_calculation(request_checksums)
+            .response_checksum_validation(response_checksums);
+        if let Some(endpoint) = &endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(c) = &opts.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.clone(),
+                c.session_token.clone(),
+                None,
+                "walship-static",
+            ));
+        }
+        let sdk_config = loader.load().await;
+        let config = aws_sdk_s3::config::Builder::from(&sdk_config)
+            .force_path_style(force_path_style)
+            .build();
+        let client = Client::from_conf(config);
+
+        let describe = if prefix.is_empty() {
+            format!("s3://{bucket}")
+        } else {
+            format!("s3://{bucket}/{prefix}")
+        };
+        let target = match &endpoint {
+            Some(e) => e.clone(),
+            None => format!("AWS S3 (region {region})"),
+        };
+        tracing::debug!(store = %describe, target = %target, force_path_style, "opened S3 store");
+        Ok(S3Store {
+            client,
+            bucket: bucket.clone(),
+            key_prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            describe,
+            target,
+            multipart_threshold: opts.multipart_threshold,
+            part_size: opts.part_size,
+            sse: opts.sse.clone(),
+            checksum: opts.checksum,
+        })
+    }
+
+    /// The SDK client, for what the trait does not cover (tests read SSE headers with it).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The full S3 key of a store key (the URL's prefix, `/`, the key).
+    pub fn object_key(&self, key: &str) -> String {
+        format!("{}{key}", self.key_prefix)
+    }
+
+    fn strip<'a>(&self, full: &'a str) -> Option<&'a str> {
+        full.strip_prefix(&self.key_prefix)
+    }
+
+    /// Maps an SDK error to a [`StorageError`] whose message says what to do.
+    fn map_err<E>(&self, err: SdkError<E>, key: Option<&str>) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        match &err {
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status().as_u16();
+                let code = se.err().code().unwrap_or_default();
+                let detail = format!(
+                    "{} (HTTP {status}){}",
+                    if code.is_empty() { "error" } else { code },
+                    se.err()
+                        .message()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                );
+                self.classify(code, status, key, detail)
+            }
+            SdkError::ResponseError(re) => {
+                let status = re.raw().status().as_u16();
+                let detail = format!(
+                    "unreadable response (HTTP {status}) from {}: {}",
+                    self.target,
+                    DisplayErrorContext(&err)
+                );
+                if status < 300 {
+                    // A 2xx that did not parse: a proxy or a truncated answer.
+                    StorageError::Unavailable {
+                        store: self.describe.clone(),
+                        detail,
+                    }
+                } else {
+                    self.classify("", status, key, detail)
+                }
+            }
+            SdkError::TimeoutError(_) => StorageError::Unavailable {
+                store: self.describe.clone(),
+                detail: format!("request to {} timed out", self.target),
+            },
+            SdkError::DispatchFailure(d) => {
+                if let Some(c) = find_credentials_error(&err) {
+                    return self.credentials_error(c);
+                }
+                if d.is_user() {
+                    StorageError::Other {
+                        store: self.describe.clone(),
+                        detail: format!(
+                            "request to {} could not be sent: {}",
+                            self.target,
+                            DisplayErrorContext(&err)
+                        ),
+                        transient: false,
+                    }
+                } else {
+                    StorageError::Unavailable {
+                        store: self.describe.clone(),
+                        detail: format!(
+                            "cannot reach {}: {}",
+                            self.target,
+                            DisplayErrorContext(&err)
+                        ),
+                    }
+                }
+            }
+            _ => {
+                if let Some(c) = find_credentials_error(&err) {
+                    return self.credentials_error(c);
+                }
+                StorageError::Other {
+                    store: self.describe.clone(),
+                    detail: DisplayErrorContext(&err).to_string(),
+                    transient: false,
+                }
+            }
+        }
+    }
+
+    fn credentials_error(&self, err: &CredentialsError) -> StorageError {
+        let detail = format!(
+            "could not load AWS credentials: {}",
+            DisplayErrorContext(err)
+        );
+        match err {
+            CredentialsError::ProviderTimedOut(_) => StorageError::Unavailable {
+                store: self.describe.clone(),
+                detail,
+            },
+            CredentialsError::ProviderError(_) => StorageError::Other {
+                store: self.describe.clone(),
+                detail,
+                transient: true,
+            },
+            _ => StorageError::AccessDenied {
+                store: self.describe.clone(),
+                detail,
+            },
+        }
+    }
+
+    fn classify(&self, code: &str, status: u16, key: Option<&str>, detail: String) -> StorageError {
+        let store = self.describe.clone();
+        let key = || key.unwrap_or_default().to_string();
+        match (code, status) {
+            ("NoSuchBucket", _) => StorageError::NoSuchBucket {
+                bucket: self.bucket.clone(),
+            },
+            ("PreconditionFailed", _) | (_, 412) => {
+                StorageError::AlreadyExists { store, key: key() }
+            }
+            // A 404 to a call without a key (a listing) can only mean the bucket.
+            ("NoSuchKey" | "NotFound" | "", 404) if key().is_empty() => {
+                StorageError::NoSuchBucket {
+                    bucket: self.bucket.clone(),
+                }
+            }
+            ("NoSuchKey" | "NotFound", _) | (_, 404) => {
+                StorageError::NotFound { store, key: key() }
+            }
+            (
+                "AccessDenied"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "ExpiredToken"
+                | "InvalidToken"
+                | "TokenRefreshRequired"
+                | "AllAccessDisabled"
+                | "AccountProblem",
+                _,
+            )
+            | (_, 401 | 403) => StorageError::AccessDenied { store, detail },
+            (
+                "PermanentRedirect"
+                | "AuthorizationHeaderMalformed"
+                | "IllegalLocationConstraintException",
+                _,
+            )
+            | (_, 301) => StorageError::Other {
+                store,
+                detail: format!(
+                    "{detail} (the bucket is in another region: set ?region= in the replica URL \
+                     or AWS_REGION)"
+                ),
+                transient: false,
+            },
+            (
+                "SlowDown"
+                | "Throttling"
+                | "ThrottlingException"
+                | "RequestTimeout"
+                | "InternalError"
+                | "ServiceUnavailable"
+                | "ConditionalRequestConflict"
+                | "OperationAborted",
+                _,
+            )
+            | (_, 408 | 429 | 500..=599) => StorageError::Unavailable { store, detail },
+            _ => StorageError::Other {
+                store,
+                detail,
+                transient: false,
+            },
+        }
+    }
+
+    async fn put_single(&self, key: &str, body: Bytes, opts: &PutOptions) -> StorageResult<()> {
+        let bytes = body.len();
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key))
+            .content_length(i64::try_from(bytes).unwrap_or(i64::MAX))
+            .body(SdkByteStream::from(body));
+        if opts.if_none_match {
+            req = req.if_none_match("*");
+        }
+        match &self.sse {
+            Some(ServerSideEncryption::Aes256) => {
+                req = req.server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::Aes256);
+            }
+            Some(ServerSideEncryption::Kms { key_id }) => {
+                req = req
+                    .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+                    .set_ssekms_key_id(key_id.clone());
+            }
+            None => {}
+        }
+        req.send().await.map_err(|e| self.map_err(e, Some(key)))?;
+        tracing::trace!(store = %self.describe, key, bytes, "put");
+        Ok(())
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        mut parts: Parts,
+        opts: &PutOptions,
+    ) -> StorageResult<()> {
+        let full = self.object_key(key);
+        let mut req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full);
+        match &self.sse {
+            Some(ServerSideEncryption::Aes256) => {
+                req = req.server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::Aes256);
+            }
+            Some(ServerSideEncryption::Kms { key_id }) => {
+                req = req
+                    .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+                    .set_ssekms_key_id(key_id.clone());
+            }
+            None => {}
+        }
+        if self.checksum == ChecksumMode::WhenSupported {
+            req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        let created = req.send().await.map_err(|e| self.map_err(e, Some(key)))?;
+        let Some(upload_id) = created.upload_id().map(str::to_string) else {
+            return Err(StorageError::Other {
+                store: self.describe.clone(),
+                detail: format!("CreateMultipartUpload for `{key}` returned no upload id"),
+                transient: true,
+            });
+        };
+
+        let result = self
+            .upload_parts(key, &full, &upload_id, &mut parts, opts)
+            .await;
+        if let Err(error) = &result {
+            let abort = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            if let Err(abort_error) = abort {
+                tracing::warn!(
+                    store = %self.describe,
+                    key,
+                    %error,
+                    abort_error = %self.map_err(abort_error, Some(key)),
+                    "could not abort a failed multipart upload (a bucket lifecycle rule for \
+                     incomplete uploads cleans it up)"
+                );
+            }
+        }
+        result
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        parts: &mut Parts,
+        opts: &PutOptions,
+    ) -> StorageResult<()> {
+        let mut done = Vec::new();
+        let mut number: i32 = 0;
+        let mut bytes: u64 = 0;
+        while let Some(part) = parts.next_part(self.part_size).await? {
+            number += 1;
+            if number > MAX_PARTS {
+                return Err(StorageError::Other {
+                    store: self.describe.clone(),
+                    detail: format!(
+                        "`{key}` needs more than {MAX_PARTS} parts of {} bytes: raise part_size",
+                        self.part_size
+                    ),
+                    transient: false,
+                });
+            }
+            bytes += part.len() as u64;
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(i64::try_from(part.len()).unwrap_or(i64::MAX))
+                .body(SdkByteStream::from(part))
+                .send()
+                .await
+                .map_err(|e| self.map_err(e, Some(key)))?;
+            done.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                    .build(),
+            );
+        }
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            );
+        if opts.if_none_match {
+            req = req.if_none_match("*");
+        }
+        req.send().await.map_err(|e| self.map_err(e, Some(key)))?;
+        tracing::trace!(store = %self.describe, key, bytes, parts = number, "multipart put");
+        Ok(())
+    }
+}
+
+/// Resolves a region from the environment and the profile; then `us-east-1` for a custom
+/// endpoint, or instance metadata for AWS.
+async fn resolve_region(custom_endpoint: bool) -> Option<Region> {
+    let chain = RegionProviderChain::first_try(
+        aws_config::environment::region::EnvironmentVariableRegionProvider::new(),
+    )
+    .or_else(aws_config::profile::ProfileFileRegionProvider::new());
+    let chain = if custom_endpoint {
+        chain.or_else(Region::new("us-east-1"))
+    } else {
+        chain.or_else(aws_config::imds::region::ImdsRegionProvider::builder().build())
+    };
+    chain.region().await
+}
+
+fn find_credentials_error<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a CredentialsError> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return Some(c);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// The parts of a multipart upload: slices of a body in memory, or a stream buffered one part
+/// at a time.
+enum Parts {
+    Bytes(Bytes),
+    Stream {
+        buf: BytesMut,
+        stream: ByteStream,
+        ended: bool,
+    },
+}
+
+impl Parts {
+    async fn next_part(&mut self, size: usize) -> StorageResult<Option<Bytes>> {
+        match self {
+            Parts::Bytes(b) => {
+                if b.is_empty() {
+                    return Ok(None);
+                }
+                let n = b.len().min(size);
+                Ok(Some(b.split_to(n)))
+            }
+            Parts::Stream { buf, stream, ended } => {
+                while buf.len() < size && !*ended {
+                    match stream.next().await {
+                        Some(chunk) => buf.extend_from_slice(&chunk?),
+                        None => *ended = true,
+                    }
+                }
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = buf.len().min(size);
+                Ok(Some(buf.split_to(n).freeze()))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn put_with(&self, key: &str, body: PutBody, opts: &PutOptions) -> StorageResult<()> {
+        check_key(key)?;
+        match body {
+            PutBody::Bytes(b) if b.len() <= self.multipart_threshold => {
+                self.put_single(key, b, opts).await
+            }
+            PutBody::Bytes(b) => self.put_multipart(key, Parts::Bytes(b), opts).await,
+            PutBody::Stream(mut stream) => {
+                // Buffer up to the threshold to choose between one PutObject and a multipart
+                // upload.
+                let mut buf = BytesMut::new();
+                while buf.len() <= self.multipart_threshold {
+                    match stream.next().await {
+                        Some(chunk) => buf.extend_from_slice(&chunk?),
+                        None => return self.put_single(key, buf.freeze(), opts).await,
+                    }
+                }
+                let parts = Parts::Stream {
+                    buf,
+                    stream,
+                    ended: false,
+                };
+                self.put_multipart(key, parts, opts).await
+            }
+        }
+    }
+
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> StorageResult<GetObject> {
+        check_key(key)?;
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key));
+        if let Some(r) = &range {
+            if r.start >= r.end {
+                return self.empty_body(key).await;
+            }
+            req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
+        }
+        let out = match req.send().await {
+            Ok(out) => out,
+            // A range starting past the end.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                return self.empty_body(key).await;
+            }
+            Err(e) => return Err(self.map_err(e, Some(key))),
+        };
+        let length = u64::try_from(out.content_length().unwrap_or_default()).unwrap_or_default();
+        let size = out
+            .content_range()
+            .and_then(|r| r.rsplit_once('/'))
+            .and_then(|(_, total)| total.parse::<u64>().ok())
+            .unwrap_or(length);
+        let store = self.describe.clone();
+        let target = self.target.clone();
+        let key_owned = key.to_string();
+        let body = futures::stream::try_unfold(out.body, move |mut body| {
+            let (store, target, key) = (store.clone(), target.clone(), key_owned.clone());
+            async move {
+                match body.try_next().await {
+                    Ok(Some(chunk)) => Ok(Some((chunk, body))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(StorageError::Unavailable {
+                        store,
+                        detail: format!(
+                            "reading `{key}` from {target} failed midway: {}",
+                            DisplayErrorContext(&e)
+                        ),
+                    }),
+                }
+            }
+        });
+        Ok(GetObject {
+            size,
+            body: Box::pin(body),
+        })
+    }
+
+    async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>> {
+        check_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.object_key(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: u64::try_from(out.content_length().unwrap_or_default()).unwrap_or_default(),
+                modified_ms: out.last_modified().and_then(|t| t.to_millis().ok()),
+            })),
+            Err(e) => match self.map_err(e, Some(key)) {
+                StorageError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list_page(&self, req: &ListRequest) -> StorageResult<ListPage> {
+        check_prefix(&req.prefix)?;
+        let max = req.max_keys.unwrap_or(MAX_KEYS).clamp(1, MAX_KEYS);
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.object_key(&req.prefix))
+            .max_keys(i32::try_from(max).unwrap_or(1000))
+            .set_delimiter(req.delimiter.clone().filter(|d| !d.is_empty()))
+            .set_start_after(req.start_after.as_deref().map(|s| self.object_key(s)))
+            .set_continuation_token(req.continuation.clone())
+            .send()
+            .await
+            .map_err(|e| self.map_err(e, None))?;
+        let mut page = ListPage::default();
+        for obj in out.contents() {
+            let Some(key) = obj.key().and_then(|k| self.strip(k)) else {
+                continue;
+            };
+            page.objects.push(ObjectMeta {
+                key: key.to_string(),
+                size: u64::try_from(obj.size().unwrap_or_default()).unwrap_or_default(),
+                modified_ms: obj.last_modified().and_then(|t| t.to_millis().ok()),
+            });
+        }
+        for p in out.common_prefixes() {
+            if let Some(p) = p.prefix().and_then(|p| self.strip(p)) {
+                page.common_prefixes.push(p.to_string());
+            }
+        }
+        page.next = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(page)
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StorageResult<()> {
+        for key in keys {
+            check_key(key)?;
+        }
+        for batch in keys.chunks(MAX_KEYS) {
+            let ids = batch
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(self.object_key(k)).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StorageError::Other {
+                    store: self.describe.clone(),
+                    detail: format!("building a delete request: {e}"),
+                    transient: false,
+                })?;
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| StorageError::Other {
+                    store: self.describe.clone(),
+                    detail: format!("building a delete request: {e}"),
+                    transient: false,
+                })?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| self.map_err(e, None))?;
+            if let Some(err) = out.errors().first() {
+                let key = err
+                    .key()
+                    .and_then(|k| self.strip(k))
+                    .unwrap_or_default()
+                    .to_string();
+                let code = err.code().unwrap_or_default();
+                let detail = format!(
+                    "deleting `{key}`: {code}: {}",
+                    err.message().unwrap_or_default()
+                );
+                // Per-key errors carry no HTTP status; `AccessDenied` and `InternalError` are
+                // the documented ones.
+                return Err(self.classify(code, 0, Some(&key), detail));
+            }
+            tracing::trace!(store = %self.describe, keys = batch.len(), "deleted");
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+impl S3Store {
+    async fn empty_body(&self, key: &str) -> StorageResult<GetObject> {
+        match self.head(key).await? {
+            Some(meta) => Ok(GetObject {
+                size: meta.size,
+                body: Box::pin(futures::stream::empty()),
+            }),
+            None => Err(StorageError::NotFound {
+                store: self.describe.clone(),
+                key: key.to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store(url: &str, opts: &S3Options) -> S3Store {
+        let url: ReplicaUrl = url.parse().expect("url");
+        S3Store::from_url(&url, opts).await.expect("store")
+    }
+
+    #[tokio::test]
+    async fn prefix_and_description() {
+        let s = store(
+            "s3://b/a/b?endpoint=http://127.0.0.1:1",
+            &S3Options::default(),
+        )
+        .await;
+        assert_eq!(s.describe(), "s3://b/a/b");
+        assert_eq!(s.object_key("k"), "a/b/k");
+        assert_eq!(s.strip("a/b/k"), Some("k"));
+        assert_eq!(s.strip("a/bk"), None);
+        let s = store("s3://b?endpoint=http://127.0.0.1:1", &S3Options::default()).await;
+        assert_eq!(s.object_key("k"), "k");
+        assert_eq!(s.describe(), "s3://b");
+        assert_eq!(s.target, "http://127.0.0.1:1");
+    }
+
+    #[tokio::test]
+    async fn part_size_below_the_s3_minimum_is_refused() {
+        let url: ReplicaUrl = "s3://b?endpoint=http://127.0.0.1:1".parse().expect("url");
+        let opts = S3Options {
+            part_size: MIB,
+            ..Default::default()
+        };
+        let err = S3Store::from_url(&url, &opts).await.err();
+        assert!(
+            matches!(err, Some(StorageError::InvalidUrl { .. })),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let c = StaticCredentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI".into(),
+            session_token: Some("FwoGZXIvYXdzE".into()),
+        };
+        let shown = format!(
+            "{:?}",
+            S3Options {
+                credentials: Some(c),
+                ..Default::default()
+            }
+        );
+        assert!(shown.contains("AKIDEXAMPLE"));
+        assert!(
+            !shown.contains("wJalrXUtnFEMI") && !shown.contains("FwoGZXIvYXdzE"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn error_codes_map_to_what_to_do() {
+        let s = store(
+            "s3://bkt/p?endpoint=http://127.0.0.1:1",
+            &S3Options::default(),
+        )
+        .await;
+        let c = |code: &str, status: u16, key: Option<&str>| {
+            s.classify(code, status, key, "detail".into())
+        };
+        assert!(
+            matches!(c("NoSuchBucket", 404, Some("k")), StorageError::NoSuchBucket { bucket } if bucket == "bkt")
+        );
+        assert!(
+            matches!(c("NoSuchKey", 404, Some("k")), StorageError::NotFound { key, .. } if key == "k")
+        );
+        assert!(matches!(
+            c("", 404, None),
+            StorageError::NoSuchBucket { .. }
+        ));
+        assert!(matches!(
+            c("PreconditionFailed", 412, Some("k")),
+            StorageError::AlreadyExists { .. }
+        ));
+        for code in [
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+        ] {
+            assert!(
+                matches!(c(code, 403, None), StorageError::AccessDenied { .. }),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            c("", 403, Some("k")),
+            StorageError::AccessDenied { .. }
+        ));
+        for (code, status) in [
+            ("SlowDown", 503),
+            ("InternalError", 500),
+            ("", 502),
+            ("ThrottlingException", 400),
+        ] {
+            let e = c(code, status, Some("k"));
+            assert!(
+                matches!(e, StorageError::Unavailable { .. }) && e.is_transient(),
+                "{code}"
+            );
+        }
+        let e = c("PermanentRedirect", 301, None);
+        assert!(
+            !e.is_transient() && e.to_string().contains("?region="),
+            "{e}"
+        );
+        assert!(!c("InvalidArgument", 400, None).is_transient());
+    }
+}
