@@ -108,6 +108,10 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
         enable_wal: a.enable_wal,
         ..Default::default()
     };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("install SIGINT handler")?;
     let cancel = CancellationToken::new();
     let (handle, mut task) =
         walship_engine::replicate::spawn(db.clone(), replica, opts, cancel.clone());
@@ -119,6 +123,8 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
             r.context("replicator task failed")?.with_context(|| format!("cannot replicate {}", db.display()))?;
             bail!("replicator stopped before its first sync");
         }
+        _ = term.recv() => return stop_during_startup(cancel, task, a.shutdown_timeout.0).await,
+        _ = int.recv() => return stop_during_startup(cancel, task, a.shutdown_timeout.0).await,
     }
     tracing::info!(db = %db.display(), "replicating");
 
@@ -126,10 +132,6 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
         Some(cmd) => Some(spawn_child(cmd)?),
         None => None,
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("install SIGINT handler")?;
 
     enum First {
         Signal(i32),
@@ -191,6 +193,23 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
         return Ok(exit_code_of(st));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A signal before the first sync: let the replicator finish starting, sync, and stop.
+async fn stop_during_startup(
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<walship_engine::EngineResult<()>>,
+    deadline: Duration,
+) -> Result<ExitCode> {
+    cancel.cancel();
+    match tokio::time::timeout(deadline, task).await {
+        Ok(r) => {
+            r.context("replicator task failed")?
+                .context("final sync failed")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(_) => bail!("final sync did not finish within {deadline:?} (raise --shutdown-timeout)"),
+    }
 }
 
 fn spawn_child(cmd: &str) -> Result<tokio::process::Child> {
