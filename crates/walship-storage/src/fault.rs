@@ -9,9 +9,9 @@
 //! # async fn demo() -> Result<(), walship_storage::StorageError> {
 //! use std::sync::Arc;
 //! use walship_storage::{CallKind, Fault, FaultPlan, FaultStore, LocalStore, ObjectStore};
-//! let dir = std::env::temp_dir().join(format!("walship-fault-doc-{}", std::process::id()));
+//! # let dir = tempfile::tempdir().map_err(|e| walship_storage::StorageError::io("tempdir", e))?;
 //! let plan = FaultPlan::new();
-//! let store = FaultStore::new(Arc::new(LocalStore::new(dir)?), plan.clone());
+//! let store = FaultStore::new(Arc::new(LocalStore::new(dir.path().into())?), plan.clone());
 //! plan.fail_nth(Some(CallKind::Put), 1, Fault::Transient);
 //! assert!(store.put("k", bytes::Bytes::from_static(b"v").into()).await.is_err());
 //! store.put("k", bytes::Bytes::from_static(b"v").into()).await?;

@@ -130,6 +130,7 @@ impl Drop for TempGuard {
     fn drop(&mut self) {
         if let Some(path) = self.path.take()
             && let Err(error) = fs::remove_file(&path)
+            && error.kind() != io::ErrorKind::NotFound
         {
             tracing::warn!(path = %path.display(), %error, "could not remove temporary file");
         }
@@ -172,8 +173,13 @@ fn create_parents(root: &Path, dest: &Path) -> io::Result<()> {
 }
 
 /// Moves the finished temporary file to `dest`. With `exclusive`, fails with `AlreadyExists`
-/// if `dest` exists (a hard link never replaces a name).
-fn install(root: &Path, tmp: &Path, dest: &Path, exclusive: bool) -> io::Result<()> {
+/// if `dest` exists (a hard link never replaces a name). The guard removes the temporary name
+/// unless a rename consumed it.
+fn install(root: &Path, mut guard: TempGuard, dest: &Path, exclusive: bool) -> io::Result<()> {
+    let Some(tmp) = guard.path.clone() else {
+        return Err(io::Error::other("no temporary file to install"));
+    };
+    let tmp = tmp.as_path();
     // A concurrent delete may prune an empty parent between creating it and renaming into it:
     // try again a few times.
     let mut attempt = 0;
@@ -186,7 +192,13 @@ fn install(root: &Path, tmp: &Path, dest: &Path, exclusive: bool) -> io::Result<
             fs::rename(tmp, dest)
         };
         match result {
-            Ok(()) => break,
+            Ok(()) => {
+                if !exclusive {
+                    // The rename consumed the temporary name.
+                    guard.path = None;
+                }
+                break;
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 3 => continue,
             Err(e) => return Err(e),
         }
@@ -329,33 +341,42 @@ impl ObjectStore for LocalStore {
         let dest = self.path_of(key)?;
         let tmp = self.root.join(random_tmp_name());
         let context = || format!("writing `{key}` to {}", dest.display());
-        let mut guard = TempGuard {
-            path: Some(tmp.clone()),
-        };
-        let mut bytes = 0u64;
-        match body {
+        let exclusive = opts.if_none_match;
+        let root = self.root.clone();
+        let (installed, bytes) = match body {
             PutBody::Bytes(b) => {
-                let tmp = tmp.clone();
-                bytes = b.len() as u64;
-                tokio::task::spawn_blocking(move || -> io::Result<()> {
+                // Write and install in one blocking task, which owns the temporary file: if
+                // this future is dropped, the task still finishes or cleans up.
+                let bytes = b.len() as u64;
+                let dest = dest.clone();
+                let installed = tokio::task::spawn_blocking(move || {
+                    let guard = TempGuard {
+                        path: Some(tmp.clone()),
+                    };
                     let mut f = fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
                         .open(&tmp)?;
                     f.write_all(&b)?;
-                    f.sync_all()
+                    f.sync_all()?;
+                    drop(f);
+                    install(&root, guard, &dest, exclusive)
                 })
                 .await
-                .map_err(|e| StorageError::io(context(), io::Error::other(e)))?
-                .map_err(|e| StorageError::io(context(), e))?;
+                .map_err(|e| StorageError::io(context(), io::Error::other(e)))?;
+                (installed, bytes)
             }
             PutBody::Stream(mut stream) => {
+                let guard = TempGuard {
+                    path: Some(tmp.clone()),
+                };
                 let mut f = tokio::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&tmp)
                     .await
                     .map_err(|e| StorageError::io(context(), e))?;
+                let mut bytes = 0u64;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk?;
                     bytes += chunk.len() as u64;
@@ -369,24 +390,17 @@ impl ObjectStore for LocalStore {
                 f.sync_all()
                     .await
                     .map_err(|e| StorageError::io(context(), e))?;
+                drop(f);
+                let dest = dest.clone();
+                let installed =
+                    tokio::task::spawn_blocking(move || install(&root, guard, &dest, exclusive))
+                        .await
+                        .map_err(|e| StorageError::io(context(), io::Error::other(e)))?;
+                (installed, bytes)
             }
-        }
-
-        let exclusive = opts.if_none_match;
-        let root = self.root.clone();
-        let (tmp2, dest2) = (tmp.clone(), dest.clone());
-        let installed =
-            tokio::task::spawn_blocking(move || install(&root, &tmp2, &dest2, exclusive))
-                .await
-                .map_err(|e| StorageError::io(context(), io::Error::other(e)))?;
+        };
         match installed {
             Ok(()) => {
-                if !exclusive {
-                    // The rename consumed the temporary file.
-                    guard.path = None;
-                }
-                // For a hard link, the guard now removes the temporary name.
-                drop(guard);
                 tracing::trace!(store = %self.describe, key, bytes, "put");
                 Ok(())
             }

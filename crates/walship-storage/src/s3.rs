@@ -24,7 +24,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
@@ -324,7 +324,7 @@ impl S3Store {
                 let detail = format!(
                     "unreadable response (HTTP {status}) from {}: {}",
                     self.target,
-                    DisplayErrorContext(&err)
+                    chain(&err)
                 );
                 if status < 300 {
                     // A 2xx that did not parse: a proxy or a truncated answer.
@@ -350,18 +350,14 @@ impl S3Store {
                         detail: format!(
                             "request to {} could not be sent: {}",
                             self.target,
-                            DisplayErrorContext(&err)
+                            chain(&err)
                         ),
                         transient: false,
                     }
                 } else {
                     StorageError::Unavailable {
                         store: self.describe.clone(),
-                        detail: format!(
-                            "cannot reach {}: {}",
-                            self.target,
-                            DisplayErrorContext(&err)
-                        ),
+                        detail: format!("cannot reach {}: {}", self.target, chain(&err)),
                     }
                 }
             }
@@ -371,7 +367,7 @@ impl S3Store {
                 }
                 StorageError::Other {
                     store: self.describe.clone(),
-                    detail: DisplayErrorContext(&err).to_string(),
+                    detail: chain(&err),
                     transient: false,
                 }
             }
@@ -379,10 +375,7 @@ impl S3Store {
     }
 
     fn credentials_error(&self, err: &CredentialsError) -> StorageError {
-        let detail = format!(
-            "could not load AWS credentials: {}",
-            DisplayErrorContext(err)
-        );
+        let detail = format!("could not load AWS credentials: {}", chain(err));
         match err {
             CredentialsError::ProviderTimedOut(_) => StorageError::Unavailable {
                 store: self.describe.clone(),
@@ -633,6 +626,22 @@ async fn resolve_region(custom_endpoint: bool) -> Option<Region> {
     chain.region().await
 }
 
+/// An error and its sources, `: `-joined, skipping a source whose text its parent already
+/// shows.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
+}
+
 fn find_credentials_error<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a CredentialsError> {
@@ -753,7 +762,7 @@ impl ObjectStore for S3Store {
                         store,
                         detail: format!(
                             "reading `{key}` from {target} failed midway: {}",
-                            DisplayErrorContext(&e)
+                            chain(&e)
                         ),
                     }),
                 }
@@ -935,6 +944,18 @@ mod tests {
             matches!(err, Some(StorageError::InvalidUrl { .. })),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn error_chains_read_as_one_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("dispatch failure")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        ));
+        assert_eq!(chain(&e), "dispatch failure: Connection refused");
     }
 
     #[test]

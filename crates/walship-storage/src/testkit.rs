@@ -272,10 +272,9 @@ impl Drop for MotoServer {
 }
 
 fn venv_moto_server() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/test-venv/bin/moto_server")
-        .components()
-        .collect()
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = manifest.parent().and_then(Path::parent).unwrap_or(manifest);
+    workspace.join("target/test-venv/bin/moto_server")
 }
 
 fn find_moto_server() -> Option<PathBuf> {
