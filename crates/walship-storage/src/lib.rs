@@ -15,6 +15,12 @@
 //! Errors are one type, [`StorageError`], and each knows whether a retry can help
 //! ([`StorageError::is_transient`]).
 //!
+//! Replica URLs ([`ReplicaUrl`]) are `file:///absolute/dir` or
+//! `s3://bucket/prefix?endpoint=...&region=...&force-path-style=true`; [`open`] turns one into
+//! a store wrapped in a [`RetryStore`]. With the `testkit` feature, `testkit::MotoServer` runs
+//! a real S3-protocol server on 127.0.0.1 for other crates' tests (`scripts/test-deps.sh`
+//! installs it). `tests/conformance.rs` runs one suite against every backend.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), walship_storage::StorageError> {
 //! use walship_storage::{open, ObjectStore, ReplicaUrl};
