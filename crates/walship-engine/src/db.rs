@@ -7,8 +7,10 @@
 //!   checkpoint, so no frame is appended while the pin is re-taken;
 //! - `ckpt` runs checkpoints.
 
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::config::DbConfig;
@@ -67,6 +69,12 @@ pub struct CheckpointResult {
 pub struct Db {
     path: PathBuf,
     id: FileId,
+    /// The one descriptor of the database file walship reads through. POSIX record locks
+    /// belong to the process and are all dropped when *any* descriptor of the file is
+    /// closed, so walship never opens and closes the database file behind SQLite's back:
+    /// that would silently release SQLite's shared lock and let an app that closes its last
+    /// connection checkpoint and delete the WAL under the pin.
+    file: Arc<File>,
     reader: Connection,
     locker: Connection,
     ckpt: Connection,
@@ -94,6 +102,9 @@ impl Db {
         let id = FileId::of(path).ok_or_else(|| EngineError::MissingDatabase {
             path: path.to_path_buf(),
         })?;
+        let file = Arc::new(
+            File::open(path).map_err(|e| EngineError::io(format!("open {}", path.display()), e))?,
+        );
         let ckpt = open_conn(path, Duration::from_secs(5))?;
         let mode: String = ckpt
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -123,6 +134,7 @@ impl Db {
         Ok(Db {
             path: path.to_path_buf(),
             id,
+            file,
             reader,
             locker,
             ckpt,
@@ -134,6 +146,11 @@ impl Db {
     /// The database's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The long-lived handle of the database file (see the field's comment).
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     /// The WAL's path.

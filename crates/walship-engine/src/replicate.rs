@@ -356,7 +356,7 @@ fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
         };
         let db_pages = match scan.as_ref().and_then(|s| s.db_pages) {
             Some(p) => p,
-            None => db_pages_from_file(db.path(), page_size)
+            None => db_pages_from_file(&db.file(), page_size)
                 .map_err(|e| EngineError::io("read database header", e))?,
         };
         Ok(Established {
@@ -567,7 +567,11 @@ impl Replicator {
             timestamp_ms: ts,
         }
         .format();
-        let db_path = self.db_path.clone();
+        let db_file = self
+            .db
+            .lock()
+            .map_err(|_| EngineError::Task("db lock poisoned".into()))?
+            .file();
         let wal_path = self.wal_path.clone();
         let hdr = tail.hdr;
         let overlay = tail.overlay.clone();
@@ -575,7 +579,7 @@ impl Replicator {
         let bytes = self
             .replica
             .upload(&key, header, move |w| {
-                write_image(&db_path, &wal_path, hdr.as_ref(), &overlay, pages, ps, w)
+                write_image(&db_file, &wal_path, hdr.as_ref(), &overlay, pages, ps, w)
             })
             .await?;
         let elapsed_ms = t0.elapsed().as_millis() as u64;

@@ -21,8 +21,12 @@ use crate::walfile::{FrameRef, read_frame_page};
 const READ_PAGES: usize = 256;
 
 /// Writes pages `1..=db_pages` of the image into `w`.
+///
+/// `db` must be the long-lived handle of [`crate::db::Db::file`]: opening and closing
+/// another descriptor of the database file would drop every POSIX lock this process holds
+/// on it, SQLite's included.
 pub fn write_image(
-    db_path: &Path,
+    db: &File,
     wal_path: &Path,
     wal: Option<&WalHeader>,
     overlay: &HashMap<u32, FrameRef>,
@@ -30,7 +34,6 @@ pub fn write_image(
     page_size: u32,
     w: &mut dyn Write,
 ) -> io::Result<()> {
-    let db = File::open(db_path)?;
     let wal_file = if overlay.is_empty() {
         None
     } else {
@@ -42,7 +45,7 @@ pub fn write_image(
     while pgno <= db_pages {
         let n = ((db_pages - pgno + 1) as usize).min(READ_PAGES);
         let chunk = &mut buf[..n * ps];
-        read_at_zero_fill(&db, chunk, u64::from(pgno - 1) * page_size as u64)?;
+        read_at_zero_fill(db, chunk, u64::from(pgno - 1) * page_size as u64)?;
         for i in 0..n {
             let p = pgno + i as u32;
             if let Some(fr) = overlay.get(&p) {
@@ -76,9 +79,9 @@ fn read_at_zero_fill(f: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 }
 
 /// The database size in pages from its file header, for a database whose WAL holds no
-/// frames: the in-header size when valid, else the file length.
-pub fn db_pages_from_file(db_path: &Path, page_size: u32) -> io::Result<u32> {
-    let f = File::open(db_path)?;
+/// frames: the in-header size when valid, else the file length. `f` is the long-lived
+/// handle of [`crate::db::Db::file`].
+pub fn db_pages_from_file(f: &File, page_size: u32) -> io::Result<u32> {
     let len = f.metadata()?.len();
     let mut h = [0u8; 100];
     if len >= 100 {

@@ -118,7 +118,15 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
 
     // The replicator is up once its first sync answers; only then start the app.
     tokio::select! {
-        r = handle.sync() => { r.with_context(|| format!("cannot replicate {}", db.display()))?; }
+        r = handle.sync() => {
+            if let Err(e) = r {
+                // The task ended; its own error says why.
+                if let Ok(Err(task_err)) = (&mut task).await {
+                    return Err(anyhow::Error::new(task_err).context(format!("cannot replicate {}", db.display())));
+                }
+                return Err(anyhow::Error::new(e).context(format!("cannot replicate {}", db.display())));
+            }
+        }
         r = &mut task => {
             r.context("replicator task failed")?.with_context(|| format!("cannot replicate {}", db.display()))?;
             bail!("replicator stopped before its first sync");

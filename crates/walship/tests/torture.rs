@@ -55,6 +55,7 @@ fn trial(seed: u64, url: &str, dir: &Path) -> u32 {
         checkpoint_every: [0, 7, 25, 60][r.below(4) as usize],
         vacuum_every: if r.chance(0.3) { 40 + r.below(100) } else { 0 },
         long_reader: r.chance(0.4),
+        reopen_every: [0, 0, 5, 50][r.below(4) as usize],
         log: wlog.clone(),
     };
     let checkpoint_frames = [20u64, 100, 1000][r.below(3) as usize].to_string();

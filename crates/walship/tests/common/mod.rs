@@ -165,6 +165,10 @@ pub struct WriterSpec {
     pub vacuum_every: u64,
     /// Hold a long read transaction on a second connection now and then.
     pub long_reader: bool,
+    /// Close and reopen the connection every this many transactions (0 = never): an app
+    /// closing its last connection checkpoints and deletes the WAL unless walship's shared
+    /// lock stops it.
+    pub reopen_every: u64,
     /// Where committed transaction numbers are appended.
     pub log: PathBuf,
 }
@@ -185,6 +189,7 @@ pub fn spawn_writer(spec: &WriterSpec, test_name: &str) -> Child {
         .env("WT_CKPT_EVERY", spec.checkpoint_every.to_string())
         .env("WT_VACUUM_EVERY", spec.vacuum_every.to_string())
         .env("WT_READER", if spec.long_reader { "1" } else { "0" })
+        .env("WT_REOPEN_EVERY", spec.reopen_every.to_string())
         .env("WT_LOG", &spec.log)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -212,15 +217,20 @@ pub fn writer_main_if_child() {
     let ckpt_every = env_u64("WT_CKPT_EVERY");
     let vacuum_every = env_u64("WT_VACUUM_EVERY");
     let long_reader = std::env::var("WT_READER").as_deref() == Ok("1");
+    let reopen_every = env_u64("WT_REOPEN_EVERY");
     let log_path = PathBuf::from(std::env::var("WT_LOG").unwrap());
 
-    let conn = Connection::open(&db).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.pragma_update(None, "journal_mode", "wal").unwrap();
-    conn.pragma_update(None, "wal_autocheckpoint", autockpt)
-        .unwrap();
+    let open = || {
+        let conn = Connection::open(&db).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", autockpt)
+            .unwrap();
+        conn
+    };
+    let mut conn = open();
     conn.execute_batch(SCHEMA).unwrap();
-    let reader = Connection::open(&db).unwrap();
+    let mut reader = Connection::open(&db).unwrap();
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -247,6 +257,13 @@ pub fn writer_main_if_child() {
             let _ = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
             let _ = prev;
             conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        }
+        if reopen_every > 0 && i % reopen_every == 0 && reading_until.is_none() {
+            // Close every connection: the next open is the app's first again.
+            drop(conn);
+            drop(reader);
+            conn = open();
+            reader = Connection::open(&db).unwrap();
         }
         if vacuum_every > 0 && i % vacuum_every == 0 {
             conn.execute_batch("VACUUM").unwrap();
