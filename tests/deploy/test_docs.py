@@ -168,3 +168,14 @@ def test_fly_toml_is_what_the_docs_describe():
     oidc = (DOCS / "fly-oidc.md").read_text()
     assert fly["env"]["AWS_WEB_IDENTITY_TOKEN_FILE"] in oidc
     assert "oidc.fly.io/" in oidc and "sts.amazonaws.com" in oidc
+
+
+def test_executable_blocks_parse_as_bash():
+    """`bash -n` over the script test_runbooks.py would run, per document."""
+    from conftest import run
+    from test_runbooks import RUNBOOKS, script_for
+
+    assert RUNBOOKS
+    for path in RUNBOOKS:
+        result = run(["bash", "-n", "/dev/stdin"], input=script_for(path))
+        assert result.returncode == 0, f"docs/{path.name}: {result.stderr}"
