@@ -12,7 +12,8 @@
 #   WALSHIP_DB            required  path of the application's SQLite database, e.g. /data/app.db
 #   WALSHIP_REPLICA_URL   required  file:///abs/dir or s3://bucket/prefix?region=...&endpoint=...
 #   WALSHIP_LISTEN        optional  address for walship's HTTP status server (/health, /metrics),
-#                                   e.g. 0.0.0.0:9090; passed as `--listen` when set
+#                                   e.g. 0.0.0.0:9090; passed as `--listen` when set (and when
+#                                   the walship build supports it)
 #   WALSHIP_BIN           optional  walship executable to run (default: `walship` from PATH)
 #   AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE, AWS_REGION, ...
 #                                   read by walship's AWS SDK credential chain, not by this script
@@ -20,7 +21,7 @@
 # Boot sequence:
 #   1. `walship restore --if-db-not-exists --if-replica-exists`: a fresh machine gets the newest
 #      restorable state; a machine that still has its database keeps it; an empty replica (the
-#      very first boot) starts the app on an empty database. Any other failure (bucket
+#      very first boot) starts the app on a new, empty database. Any other failure (bucket
 #      unreachable, access denied, nothing consistent to restore) stops the boot here: starting
 #      the app on an empty database would fork the history, so we refuse and let the platform
 #      retry. See docs/runbook-emergency.md.
@@ -99,8 +100,27 @@ if ! "$walship" restore --if-db-not-exists --if-replica-exists -o "$WALSHIP_DB" 
 fi
 
 set -- replicate
+
+# First boot of a new app: nothing was restored and the app has not created its database yet.
+# walship replicates only an existing database, so create an empty one and let walship switch
+# it to WAL mode (--enable-wal, only for this file we created; an existing database that is
+# not in WAL mode is still refused, since silently changing an app's journal mode is not ours).
+if [ ! -e "$WALSHIP_DB" ]; then
+    printf '%s: no database at %s yet (first boot): creating an empty one\n' "$prog" "$WALSHIP_DB" >&2
+    : >"$WALSHIP_DB" || die "cannot create '$WALSHIP_DB'"
+    set -- "$@" --enable-wal
+fi
+
+# The HTTP status server (/health, /metrics). Skipped with a warning, not a failed boot, when
+# this walship build has no --listen: the app keeps running and replicating, and the platform's
+# health check on the status port reports the problem.
 if [ -n "${WALSHIP_LISTEN:-}" ]; then
-    set -- "$@" --listen "$WALSHIP_LISTEN"
+    if "$walship" replicate --help 2>/dev/null | grep -q -e '--listen'; then
+        set -- "$@" --listen "$WALSHIP_LISTEN"
+    else
+        printf '%s: warning: this walship has no --listen; WALSHIP_LISTEN=%s ignored, /health is not served\n' \
+            "$prog" "$WALSHIP_LISTEN" >&2
+    fi
 fi
 
 printf '%s: starting replication of %s to %s; application: %s\n' \

@@ -130,7 +130,11 @@ def test_fly_toml_single_machine_without_volume():
 # -- fly/entrypoint.sh with a stub walship --------------------------------------------------
 
 STUB = """#!/bin/sh
-python3 -c 'import json, sys; open(sys.argv[1], "a").write(json.dumps(sys.argv[2:]) + "\\n")' \
+if [ "$1 $2" = "replicate --help" ]; then
+    [ -n "${STUB_HAS_LISTEN:-}" ] && echo "      --listen <ADDR>  status server"
+    exit 0
+fi
+python3 -c 'import json, sys; open(sys.argv[1], "a").write(json.dumps(sys.argv[2:]) + "\\n")' \\
     "$STUB_LOG" "$@"
 case "$1" in
     restore) exit "${STUB_RESTORE_RC:-0}" ;;
@@ -168,19 +172,39 @@ def boot(tmp_path: Path):
 
 
 def test_boot_script_restores_then_execs_replicate(boot):
+    db = boot.tmp / "data" / "app.db"
+    db.parent.mkdir()
+    db.write_bytes(b"")
     result, calls = boot("python3", "/app/app.py", "--port", "8080", STUB_REPLICATE_RC="7")
-    db, url = str(boot.tmp / "data" / "app.db"), f"file://{boot.tmp / 'replica'}"
+    url = f"file://{boot.tmp / 'replica'}"
     assert calls == [
-        ["restore", "--if-db-not-exists", "--if-replica-exists", "-o", db, url],
-        ["replicate", db, url, "--exec", "python3 /app/app.py --port 8080"],
+        ["restore", "--if-db-not-exists", "--if-replica-exists", "-o", str(db), url],
+        ["replicate", str(db), url, "--exec", "python3 /app/app.py --port 8080"],
     ]
     assert result.returncode == 7, "exec: walship's exit status is the container's"
-    assert (boot.tmp / "data").is_dir(), "the database directory is created"
+
+
+def test_boot_script_first_boot_creates_empty_database(boot):
+    # Nothing restored (empty replica) and no database yet: the script creates an empty file
+    # and lets walship switch it to WAL mode, so replicate has something to open.
+    db = boot.tmp / "data" / "app.db"
+    result, calls = boot("app")
+    assert result.returncode == 0
+    assert calls[1][:2] == ["replicate", "--enable-wal"]
+    assert db.is_file() and db.stat().st_size == 0
+    assert "first boot" in result.stderr
 
 
 def test_boot_script_passes_listen_address(boot):
-    _, calls = boot("app", WALSHIP_LISTEN="0.0.0.0:9090")
-    assert calls[1][:3] == ["replicate", "--listen", "0.0.0.0:9090"]
+    _, calls = boot("app", WALSHIP_LISTEN="0.0.0.0:9090", STUB_HAS_LISTEN="1")
+    assert calls[1][:4] == ["replicate", "--enable-wal", "--listen", "0.0.0.0:9090"]
+
+
+def test_boot_script_skips_listen_when_unsupported(boot):
+    result, calls = boot("app", WALSHIP_LISTEN="0.0.0.0:9090")
+    assert result.returncode == 0
+    assert "--listen" not in calls[1]
+    assert "WALSHIP_LISTEN=0.0.0.0:9090 ignored" in result.stderr
 
 
 def test_boot_script_quotes_arguments_for_exec(boot):
