@@ -136,7 +136,7 @@ impl Replica {
             .await?
             .map_err(|e| EngineError::io("encode object", e))?;
             let n = bytes.len() as u64;
-            self.put_retrying_exists(key, PutBody::Bytes(Bytes::from(bytes)), &opts)
+            self.put_retrying_exists(key, PutBody::Bytes(Bytes::from(bytes)), &opts, &header)
                 .await?;
             return Ok(n);
         }
@@ -167,17 +167,52 @@ impl Replica {
         produced.map_err(|e| EngineError::io("encode object", e))
     }
 
+    /// Puts with `if_none_match`. If the key exists, it is ours when its header is the one
+    /// we wrote (a retried put whose first answer was lost); otherwise it is an error.
     async fn put_retrying_exists(
         &self,
         key: &str,
         body: PutBody,
         opts: &PutOptions,
+        header: &ObjectHeader,
     ) -> EngineResult<()> {
         match self.store.put_with(key, body, opts).await {
             Ok(()) => Ok(()),
+            Err(StorageError::AlreadyExists { .. }) => {
+                let found = self.read_header(key).await?;
+                if same_object(&found, header) {
+                    Ok(())
+                } else {
+                    Err(StorageError::AlreadyExists {
+                        store: self.describe(),
+                        key: key.to_string(),
+                    }
+                    .into())
+                }
+            }
             Err(e) => Err(e.into()),
         }
     }
+}
+
+fn same_object(a: &ObjectHeader, b: &ObjectHeader) -> bool {
+    (
+        a.kind,
+        a.generation,
+        a.start,
+        a.end,
+        a.timestamp_ms,
+        a.wal,
+        a.raw_len,
+    ) == (
+        b.kind,
+        b.generation,
+        b.start,
+        b.end,
+        b.timestamp_ms,
+        b.wal,
+        b.raw_len,
+    )
 }
 
 fn snapshot_position(k: &ObjectKey) -> u64 {

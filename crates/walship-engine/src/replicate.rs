@@ -621,11 +621,20 @@ impl Replicator {
                 Observed::Nothing => break,
                 Observed::Break(reason) => {
                     tracing::warn!(db = %self.span_db(), generation = %self.tail.generation, %reason, "WAL continuity broken; starting a new generation");
+                    self.reopen_if_replaced().await?;
                     let newest = Some(self.tail.generation);
                     self.begin(None, newest).await?;
                     return Ok(true);
                 }
                 Observed::Frames(scan) => {
+                    if !scan.frames.is_empty() {
+                        let now = now_ms();
+                        self.status.send_if_modified(|s| {
+                            let first = s.unsynced_since_ms.is_none();
+                            s.unsynced_since_ms.get_or_insert(now);
+                            first
+                        });
+                    }
                     if let Some(h) = scan_restart_header(&self.tail, &scan) {
                         // The scan is of a new incarnation accepted as continuous.
                         self.tail.epoch += 1;
@@ -651,6 +660,31 @@ impl Replicator {
             s.last_error = None;
         });
         Ok(shipped)
+    }
+
+    /// After the database file was replaced or recreated, opens the new one.
+    async fn reopen_if_replaced(&mut self) -> EngineResult<()> {
+        let same = self
+            .db
+            .lock()
+            .map_err(|_| EngineError::Task("db lock poisoned".into()))?
+            .still_same_file();
+        if same {
+            return Ok(());
+        }
+        let p = self.db_path.clone();
+        let enable = self.opts.enable_wal;
+        let db = tokio::task::spawn_blocking(move || Db::open(&p, enable)).await??;
+        let old = {
+            let mut guard = self
+                .db
+                .lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
+            std::mem::replace(&mut *guard, db)
+        };
+        tokio::task::spawn_blocking(move || drop(old)).await?;
+        tracing::info!(db = %self.span_db(), "database file replaced; reopened it");
+        Ok(())
     }
 
     async fn ship(&mut self, scan: Scan) -> EngineResult<()> {

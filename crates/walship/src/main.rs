@@ -347,7 +347,7 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
             json.push(serde_json::json!({
                 "generation": g.to_string(),
                 "created": format_time(g.created_ms()),
-                "snapshots": objs.snapshots.iter().map(|s| listed_json(s)).collect::<Vec<_>>(),
+                "snapshots": objs.snapshots.iter().map(listed_json).collect::<Vec<_>>(),
                 "segments": objs.segments.len(),
                 "bytes": bytes,
                 "newest": format_time(newest),

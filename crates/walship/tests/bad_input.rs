@@ -2,6 +2,8 @@
 //! malformed URLs, empty replicas, existing outputs, garbage / truncated / bit-flipped /
 //! foreign objects in the replica, a missing bucket, an unreachable endpoint.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -7,6 +7,8 @@
 //! `WALSHIP_TORTURE_TRIALS` (default 40 on a local directory, a quarter of it on S3) and
 //! `WALSHIP_TORTURE_SEED` (start seed) control the run; every failure prints its seed.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;

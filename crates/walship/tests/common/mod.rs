@@ -250,7 +250,7 @@ pub fn writer_main_if_child() {
         apply_txn(&conn, seed, i);
         conn.execute_batch("COMMIT").unwrap();
         writeln!(log, "{i}").unwrap();
-        if ckpt_every > 0 && i % ckpt_every == 0 {
+        if ckpt_every > 0 && i.is_multiple_of(ckpt_every) {
             let mode = modes[(i / ckpt_every % 4) as usize];
             // The app's own checkpoint: may be busy while the replicator pins; that is fine.
             let prev = conn.busy_timeout(Duration::from_millis(200));
@@ -258,14 +258,14 @@ pub fn writer_main_if_child() {
             let _ = prev;
             conn.busy_timeout(Duration::from_secs(10)).unwrap();
         }
-        if reopen_every > 0 && i % reopen_every == 0 && reading_until.is_none() {
+        if reopen_every > 0 && i.is_multiple_of(reopen_every) && reading_until.is_none() {
             // Close every connection: the next open is the app's first again.
             drop(conn);
             drop(reader);
             conn = open();
             reader = Connection::open(&db).unwrap();
         }
-        if vacuum_every > 0 && i % vacuum_every == 0 {
+        if vacuum_every > 0 && i.is_multiple_of(vacuum_every) {
             conn.execute_batch("VACUUM").unwrap();
         }
         if long_reader {

@@ -1,0 +1,266 @@
+//! The engine in-process, with storage faults injected at the I/O boundary and the app
+//! doing what apps do: a store failing for a while, a half-written object, idle periods
+//! (which must cost no request), the app's own TRUNCATE checkpoint, a database deleted and
+//! recreated, VACUUM.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio_util::sync::CancellationToken;
+use walship_engine::{Replica, ReplicateOptions, RestoreOptions};
+use walship_storage::{
+    CallKind, Fault, FaultPlan, FaultStore, LocalStore, ObjectStore, RetryPolicy, RetryStore,
+};
+
+fn app_db(dir: &Path) -> PathBuf {
+    let p = dir.join("app.db");
+    let c = Connection::open(&p).unwrap();
+    c.pragma_update(None, "journal_mode", "wal").unwrap();
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    p
+}
+
+fn insert(c: &Connection, n: usize) {
+    for _ in 0..n {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .unwrap();
+    }
+}
+
+fn digest(p: &Path) -> (i64, i64) {
+    let c = Connection::open(p).unwrap();
+    c.query_row(
+        "SELECT count(*), coalesce(sum(length(v) * id), 0) FROM t",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+fn fast_opts() -> ReplicateOptions {
+    ReplicateOptions {
+        sync_interval: Duration::from_millis(100),
+        min_sync_gap: Duration::from_millis(20),
+        snapshot_interval: Duration::from_secs(3600),
+        checkpoint_frames: 50,
+        ..Default::default()
+    }
+}
+
+struct Setup {
+    plan: FaultPlan,
+    replica: Replica,
+    plain: Replica,
+}
+
+fn faulty_local(dir: &Path, retry: bool) -> Setup {
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("replica")).unwrap());
+    let plan = FaultPlan::new();
+    let faulty: Arc<dyn ObjectStore> = Arc::new(FaultStore::new(local.clone(), plan.clone()));
+    let store: Arc<dyn ObjectStore> = if retry {
+        Arc::new(RetryStore::new(
+            faulty,
+            RetryPolicy {
+                max_attempts: 2,
+                initial_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+            },
+        ))
+    } else {
+        faulty
+    };
+    Setup {
+        plan,
+        replica: Replica::new(store),
+        plain: Replica::new(local),
+    }
+}
+
+async fn restore_to(replica: &Replica, out: &Path) -> walship_engine::RestoreReport {
+    walship_engine::restore::restore(replica, out, &RestoreOptions::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failing_for_a_while_loses_nothing_once_it_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), true);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        fast_opts(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    // Every put fails (as 5xx) for 1.5 s while the app keeps writing.
+    s.plan.fail_for(
+        Some(CallKind::Put),
+        Duration::from_millis(1500),
+        Fault::Transient,
+    );
+    let app = Connection::open(&db).unwrap();
+    for _ in 0..30 {
+        insert(&app, 5);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(s.plan.injected() > 0, "faults were injected");
+    assert!(h.status().last_error.is_some() || h.sync().await.is_ok());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    h.sync().await.unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let out = dir.path().join("out.db");
+    restore_to(&s.plain, &out).await;
+    assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_database_costs_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let opts = ReplicateOptions {
+        snapshot_interval: Duration::from_millis(300),
+        ..fast_opts()
+    };
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    let app = Connection::open(&db).unwrap();
+    insert(&app, 10);
+    h.sync().await.unwrap();
+    // Let the pending snapshot (the database changed) happen, then go idle.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    h.sync().await.unwrap();
+    s.plan.reset_counts();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let c = s.plan.counts();
+    assert_eq!(c.total(), 0, "requests while idle: {c:?}");
+    // And a write is shipped again afterwards.
+    insert(&app, 1);
+    h.sync().await.unwrap();
+    assert!(s.plan.counts().total() > 0);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_object_is_never_restored_as_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        fast_opts(),
+        cancel.clone(),
+    );
+    let app = Connection::open(&db).unwrap();
+    insert(&app, 10);
+    h.sync().await.unwrap();
+    let before = digest(&db);
+    s.plan.truncate_next_put();
+    insert(&app, 10);
+    h.sync().await.unwrap();
+    insert(&app, 10);
+    h.sync().await.unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let out = dir.path().join("out.db");
+    let report = restore_to(&s.plain, &out).await;
+    assert!(
+        !report.skipped.is_empty(),
+        "the truncated segment must be reported"
+    );
+    // Consistent at the last point before the damaged object.
+    assert_eq!(digest(&out), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_truncate_checkpoint_never_loses_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        fast_opts(),
+        cancel.clone(),
+    );
+    let app = Connection::open(&db).unwrap();
+    app.busy_timeout(Duration::from_millis(300)).unwrap();
+    for round in 0..6 {
+        insert(&app, 20);
+        let mode = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"][round % 4];
+        let _ = app.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()));
+        insert(&app, 3);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    app.execute_batch("VACUUM").unwrap();
+    insert(&app, 5);
+    h.sync().await.unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let out = dir.path().join("out.db");
+    restore_to(&s.plain, &out).await;
+    assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_deleted_and_recreated_starts_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        fast_opts(),
+        cancel.clone(),
+    );
+    {
+        let app = Connection::open(&db).unwrap();
+        insert(&app, 50);
+    }
+    h.sync().await.unwrap();
+    let first = h.status().generation;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+    let db2 = app_db(dir.path());
+    assert_eq!(db, db2);
+    let app = Connection::open(&db).unwrap();
+    insert(&app, 7);
+    // The replicator notices, re-opens and starts over; it may take a few rounds.
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if h.status().generation != first && h.sync().await.is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    cancel.cancel();
+    let _ = task.await;
+    assert!(
+        ok,
+        "no new generation after the database was replaced: {:?}",
+        h.status()
+    );
+    let out = dir.path().join("out.db");
+    restore_to(&s.plain, &out).await;
+    assert_eq!(digest(&out), digest(&db));
+    assert_eq!(digest(&out).0, 7);
+}
