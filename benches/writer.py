@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The benchmark's application: one SQLite writer in its own process.
+
+The same program runs for every configuration (no replicator, walship, Litestream), so the
+configurations differ only in what runs beside it. Stdlib only.
+
+Kinds of transaction:
+  small   one INSERT of a ~100-byte row into `bench`
+  large   one INSERT ... SELECT of 256 rows of 1 KiB into `bench` (~256 KiB, ~70 pages)
+  update  UPDATE of --rows random rows of table `big` (made by run.py's generator): body and v
+
+Runs --seconds (or until SIGTERM, which ends it cleanly with its summary written).
+
+Writes a JSON summary to --stats (txn count, txn/s, latency percentiles of a whole
+transaction, BEGIN to COMMIT returned) and, with --timeline, a binary file of float64 pairs
+(wall-clock commit time, last row id) for every committed transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import random
+import signal
+import sqlite3
+import sys
+import time
+
+SMALL_SQL = "INSERT INTO bench(t, body) VALUES (?, randomblob(50) || zeroblob(50))"
+LARGE_SQL = (
+    "INSERT INTO bench(t, body) SELECT ?, randomblob(512) || zeroblob(512) FROM "
+    "(WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < 256) "
+    "SELECT x FROM r)"
+)
+
+
+def percentile(sorted_values, q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--seconds", type=float, required=True)
+    ap.add_argument("--kind", choices=["small", "large", "update"], default="small")
+    ap.add_argument("--rate", type=float, default=0.0, help="transactions/s; 0 = as fast as possible")
+    ap.add_argument("--rows", type=int, default=8, help="rows per update transaction")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--synchronous", default="NORMAL")
+    ap.add_argument("--stats", required=True)
+    ap.add_argument("--timeline")
+    ap.add_argument("--start-at", type=float, default=0.0,
+                    help="wall-clock time to start at (lets the driver align windows)")
+    args = ap.parse_args()
+
+    con = sqlite3.connect(args.db, isolation_level=None, timeout=30)
+    mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        print(f"writer: journal_mode is {mode}, not wal", file=sys.stderr)
+        return 2
+    con.execute(f"PRAGMA synchronous={args.synchronous}")
+    con.execute("PRAGMA busy_timeout=30000")
+    if args.kind in ("small", "large"):
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS bench(id INTEGER PRIMARY KEY, t REAL NOT NULL, body BLOB)"
+        )
+        max_big = 0
+    else:
+        max_big = con.execute("SELECT max(id) FROM big").fetchone()[0] or 0
+        if max_big == 0:
+            print("writer: table big is empty", file=sys.stderr)
+            return 2
+    rng = random.Random(args.seed)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+
+    lat = array.array("d")
+    timeline = array.array("d")
+    errors = 0
+    if args.start_at:
+        delay = args.start_at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+    t_start = time.perf_counter()
+    wall_start = time.time()
+    deadline = t_start + args.seconds
+    interval = 1.0 / args.rate if args.rate > 0 else 0.0
+    n = 0
+    while True:
+        now = time.perf_counter()
+        if interval:
+            due = t_start + n * interval
+            if due >= deadline:
+                break
+            if due > now:
+                time.sleep(due - now)
+        elif now >= deadline:
+            break
+        if stop:
+            break
+        t0 = time.perf_counter()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            if args.kind == "small":
+                cur = con.execute(SMALL_SQL, (time.time(),))
+            elif args.kind == "large":
+                cur = con.execute(LARGE_SQL, (time.time(),))
+            else:
+                ids = [(rng.randint(1, max_big),) for _ in range(args.rows)]
+                cur = con.executemany(
+                    "UPDATE big SET v = v + 1, body = randomblob(length(body) / 2) || "
+                    "zeroblob(length(body) - length(body) / 2) WHERE id = ?",
+                    ids,
+                )
+            con.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            errors += 1
+            print(f"writer: {e}", file=sys.stderr)
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                pass
+            n += 1
+            continue
+        t1 = time.perf_counter()
+        lat.append(t1 - t0)
+        if args.timeline is not None:
+            timeline.append(time.time())
+            timeline.append(float(cur.lastrowid or 0))
+        n += 1
+    elapsed = time.perf_counter() - t_start
+    con.close()
+
+    s = sorted(lat)
+    stats = {
+        "kind": args.kind,
+        "rate": args.rate,
+        "txns": len(lat),
+        "errors": errors,
+        "seconds": elapsed,
+        "wall_start": wall_start,
+        "txn_per_s": len(lat) / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": percentile(s, 0.50) * 1e3,
+        "p99_ms": percentile(s, 0.99) * 1e3,
+        "max_ms": (s[-1] * 1e3) if s else float("nan"),
+    }
+    with open(args.stats, "w") as f:
+        json.dump(stats, f)
+    if args.timeline is not None:
+        with open(args.timeline, "wb") as f:
+            timeline.tofile(f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
