@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=8, help="rows per update transaction")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--synchronous", default="NORMAL")
+    ap.add_argument("--autocheckpoint", type=int, default=1000,
+                    help="PRAGMA wal_autocheckpoint (SQLite's default 1000; 0 = off)")
     ap.add_argument("--stats", required=True)
     ap.add_argument("--timeline")
     ap.add_argument("--start-at", type=float, default=0.0,
@@ -63,6 +65,7 @@ def main() -> int:
         print(f"writer: journal_mode is {mode}, not wal", file=sys.stderr)
         return 2
     con.execute(f"PRAGMA synchronous={args.synchronous}")
+    con.execute(f"PRAGMA wal_autocheckpoint={args.autocheckpoint}")
     con.execute("PRAGMA busy_timeout=30000")
     if args.kind in ("small", "large"):
         con.execute(
