@@ -66,6 +66,16 @@ pub enum EngineError {
         source: FormatError,
     },
 
+    /// An object cannot be decrypted with the keys given: no key, or not the right one.
+    #[error("cannot decrypt `{key}`: {source}")]
+    Encryption {
+        /// The object's key.
+        key: String,
+        /// What is wrong.
+        #[source]
+        source: FormatError,
+    },
+
     /// The replica holds nothing restorable.
     #[error("no restorable backup in {replica}{}", if .target.is_some() { " at or before the requested time" } else { "" })]
     NothingToRestore {
@@ -96,6 +106,21 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// The error for a decoding failure of object `key`: a key problem stays a key problem
+    /// (restore must not skip past it as if the object were damaged).
+    pub fn decoding(key: &str, source: FormatError) -> Self {
+        match source {
+            FormatError::Encrypted | FormatError::UnknownKey { .. } => EngineError::Encryption {
+                key: key.to_string(),
+                source,
+            },
+            source => EngineError::Corrupt {
+                key: key.to_string(),
+                source,
+            },
+        }
+    }
+
     /// Wraps a SQLite error with context.
     pub fn sqlite(context: impl Into<String>, source: rusqlite::Error) -> Self {
         EngineError::Sqlite {

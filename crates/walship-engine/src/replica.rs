@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use walship_format::crypto::{Key, KeyRing};
 use walship_format::key::{GENERATIONS_DIR, GenerationId, ObjectKey};
 use walship_format::object::{HEADER_SIZE, ObjectHeader, ObjectWriter};
 use walship_storage::{ObjectStore, PutBody, PutOptions, StorageError, list_all, list_dirs};
@@ -43,12 +44,24 @@ pub struct GenerationObjects {
 #[derive(Debug, Clone)]
 pub struct Replica {
     store: Arc<dyn ObjectStore>,
+    keys: Option<Arc<KeyRing>>,
 }
 
 impl Replica {
     /// Wraps a store.
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        Replica { store }
+        Replica { store, keys: None }
+    }
+
+    /// Encrypts new objects with the ring's writer key (if any) and decrypts with its keys.
+    pub fn with_keys(mut self, keys: KeyRing) -> Self {
+        self.keys = Some(Arc::new(keys));
+        self
+    }
+
+    /// The keys, if encryption is configured.
+    pub fn keys(&self) -> Option<&Arc<KeyRing>> {
+        self.keys.as_ref()
     }
 
     /// The store.
@@ -127,9 +140,10 @@ impl Replica {
         let opts = PutOptions {
             if_none_match: true,
         };
+        let seal = self.keys.as_ref().and_then(|k| k.writer().cloned());
         if header.raw_len <= IN_MEMORY_LIMIT {
             let bytes = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
-                let mut w = ObjectWriter::new(Vec::new(), &header)?;
+                let mut w = new_writer(Vec::new(), &header, seal.as_ref())?;
                 produce(&mut w)?;
                 w.finish()
             })
@@ -143,7 +157,7 @@ impl Replica {
         let (tx, rx) = mpsc::channel::<Result<Bytes, StorageError>>(4);
         let producer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let sink = ChannelWriter::new(tx.clone());
-            let mut w = ObjectWriter::new(sink, &header)?;
+            let mut w = new_writer(sink, &header, seal.as_ref())?;
             let r = produce(&mut w).and_then(|()| w.finish()).and_then(|mut s| {
                 s.flush_chunk()?;
                 Ok(s.sent)
@@ -192,6 +206,17 @@ impl Replica {
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+fn new_writer<W: Write>(
+    out: W,
+    header: &ObjectHeader,
+    key: Option<&Key>,
+) -> io::Result<ObjectWriter<W>> {
+    match key {
+        None => ObjectWriter::new(out, header),
+        Some(k) => ObjectWriter::new_encrypted(out, header, k, rand::random()),
     }
 }
 

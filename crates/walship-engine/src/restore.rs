@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use walship_format::FormatError;
+use walship_format::crypto::KeyRing;
 use walship_format::key::{GenerationId, ObjectKey};
 use walship_format::object::{Kind, ObjectHeader, ObjectReader};
 use walship_format::wal::{FRAME_HEADER_SIZE, FrameChain, FrameCheck, WAL_MAGIC_BE};
@@ -211,11 +212,10 @@ async fn attempt(
     );
     let tmp_path = tmp.path.clone();
     let key = snap.name.clone();
+    let keys = replica.keys().cloned();
     let (header, bytes) = run_blocking_with_stream(body, move |reader| {
-        let mut r = ObjectReader::new(reader).map_err(|source| EngineError::Corrupt {
-            key: key.clone(),
-            source,
-        })?;
+        let mut r = ObjectReader::with_keys(reader, keys.as_deref())
+            .map_err(|source| EngineError::decoding(&key, source))?;
         let h = *r.header();
         if h.kind != Kind::Snapshot || h.generation != generation.0 {
             return Err(EngineError::Corrupt {
@@ -284,8 +284,16 @@ async fn attempt(
         let file2 = file.clone();
         let key = name.clone();
         let expect_start = report.position;
+        let keys = replica.keys().cloned();
         let r = run_blocking_with_stream(body, move |reader| {
-            let seg = read_segment(reader, &key, generation, expect_start, page_size)?;
+            let seg = read_segment(
+                reader,
+                keys.as_deref(),
+                &key,
+                generation,
+                expect_start,
+                page_size,
+            )?;
             apply_segment(&file2, &seg, page_size)
                 .map_err(|e| EngineError::io("write temporary output", e))?;
             Ok(seg.header)
@@ -473,6 +481,7 @@ const SPOOL_LIMIT: u64 = 16 * 1024 * 1024;
 
 fn read_segment(
     reader: &mut ChannelReader,
+    keys: Option<&KeyRing>,
     key: &str,
     generation: GenerationId,
     expect_start: u64,
@@ -482,10 +491,8 @@ fn read_segment(
         key: key.to_string(),
         source: FormatError::corrupt(msg),
     };
-    let mut r = ObjectReader::new(reader).map_err(|source| EngineError::Corrupt {
-        key: key.to_string(),
-        source,
-    })?;
+    let mut r = ObjectReader::with_keys(reader, keys)
+        .map_err(|source| EngineError::decoding(key, source))?;
     let h = *r.header();
     if h.kind != Kind::Segment || h.generation != generation.0 || h.start != expect_start {
         return Err(corrupt("header does not match its key or the chain"));

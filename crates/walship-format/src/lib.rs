@@ -27,6 +27,7 @@
 //! assert_eq!(page.len(), 4096);
 //! ```
 
+pub mod crypto;
 pub mod key;
 pub mod object;
 pub mod wal;
@@ -54,9 +55,19 @@ pub enum FormatError {
     /// An object of a format version this build does not know.
     #[error("object format version {0} is not supported by this walship (upgrade walship)")]
     UnsupportedVersion(u16),
-    /// An encrypted object, and no key support in this reader.
-    #[error("object is encrypted (configure the replica's encryption key)")]
+    /// An encrypted object, and no key to read it with.
+    #[error(
+        "object is encrypted and no key was given (set WALSHIP_ENCRYPTION_KEY or --encryption-key-file)"
+    )]
     Encrypted,
+    /// An encrypted object whose key is not among the keys given.
+    #[error(
+        "object is encrypted with key id {id}, which none of the given keys has (wrong key? add the old key with --decryption-key-file)"
+    )]
+    UnknownKey {
+        /// The key id in the object, hex.
+        id: String,
+    },
     /// The underlying reader failed.
     #[error("read failed: {0}")]
     Io(#[source] io::Error),

@@ -8,6 +8,7 @@
 use std::io::{self, Read, Write};
 
 use crate::FormatError;
+use crate::crypto::{KEY_ID_LEN, Key, KeyRing, PREAMBLE_SIZE, TAG_SIZE};
 use crate::wal::Checksum;
 
 /// Magic at the start of every object.
@@ -27,7 +28,7 @@ pub const BLOCK_HEADER_SIZE: usize = 8;
 
 /// Flag: the body is LZ4 blocks (always set in version 1).
 pub const FLAG_LZ4: u8 = 0b01;
-/// Flag: the body is encrypted (reserved; refused by this version).
+/// Flag: the body is encrypted (AES-256-GCM, see [`crate::crypto`]).
 pub const FLAG_ENCRYPTED: u8 = 0b10;
 
 // Header offsets.
@@ -179,9 +180,6 @@ impl ObjectHeader {
                 "unknown object flags {flags:#04x}"
             )));
         }
-        if flags & FLAG_ENCRYPTED != 0 {
-            return Err(FormatError::Encrypted);
-        }
         let page_size = get32(b, O_PAGE_SIZE);
         if !crate::wal::valid_page_size(page_size) {
             return Err(FormatError::corrupt(format!("bad page size {page_size}")));
@@ -261,11 +259,24 @@ pub struct ObjectWriter<W: Write> {
     raw_written: u64,
     raw_expected: u64,
     block_size: usize,
+    seal: Option<Sealing>,
+}
+
+/// Encryption state of a writer or reader.
+#[derive(Debug, Clone)]
+struct Sealing {
+    key: Key,
+    prefix: [u8; 8],
+    /// Header and preamble: the associated data of every block.
+    context: Vec<u8>,
+    next_index: u32,
 }
 
 impl<W: Write> ObjectWriter<W> {
     /// Writes the header and returns a writer for the body.
     pub fn new(mut out: W, header: &ObjectHeader) -> io::Result<Self> {
+        let mut header = *header;
+        header.flags &= !FLAG_ENCRYPTED;
         let h = header.encode();
         out.write_all(&h)?;
         let mut crc = crc32fast::Hasher::new();
@@ -278,6 +289,46 @@ impl<W: Write> ObjectWriter<W> {
             raw_written: 0,
             raw_expected: header.raw_len,
             block_size: MAX_BLOCK,
+            seal: None,
+        })
+    }
+
+    /// Writes the header (with the encryption flag) and the encryption preamble, and
+    /// returns a writer that encrypts every block with `key`. `nonce_prefix` must be random
+    /// and never reused with the same key.
+    pub fn new_encrypted(
+        mut out: W,
+        header: &ObjectHeader,
+        key: &Key,
+        nonce_prefix: [u8; 8],
+    ) -> io::Result<Self> {
+        let mut header = *header;
+        header.flags |= FLAG_ENCRYPTED;
+        let h = header.encode();
+        let mut pre = [0u8; PREAMBLE_SIZE];
+        pre[..KEY_ID_LEN].copy_from_slice(&key.id());
+        pre[KEY_ID_LEN..KEY_ID_LEN + 8].copy_from_slice(&nonce_prefix);
+        out.write_all(&h)?;
+        out.write_all(&pre)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h);
+        crc.update(&pre);
+        let mut context = h.to_vec();
+        context.extend_from_slice(&pre);
+        Ok(ObjectWriter {
+            out,
+            crc,
+            block: Vec::new(),
+            body_len: PREAMBLE_SIZE as u64,
+            raw_written: 0,
+            raw_expected: header.raw_len,
+            block_size: MAX_BLOCK,
+            seal: Some(Sealing {
+                key: key.clone(),
+                prefix: nonce_prefix,
+                context,
+                next_index: 0,
+            }),
         })
     }
 
@@ -298,7 +349,20 @@ impl<W: Write> ObjectWriter<W> {
         if self.block.is_empty() {
             return Ok(());
         }
-        let compressed = lz4_flex::block::compress(&self.block);
+        let mut compressed = lz4_flex::block::compress(&self.block);
+        if let Some(seal) = &mut self.seal {
+            compressed = seal
+                .key
+                .seal(
+                    &seal.prefix,
+                    &seal.context,
+                    seal.next_index,
+                    false,
+                    &compressed,
+                )
+                .map_err(FormatError::into_io)?;
+            seal.next_index += 1;
+        }
         let mut bh = [0u8; BLOCK_HEADER_SIZE];
         put32(&mut bh, 0, self.block.len() as u32);
         put32(&mut bh, 4, compressed.len() as u32);
@@ -320,7 +384,20 @@ impl<W: Write> ObjectWriter<W> {
                 ),
             ));
         }
-        self.emit(&[0u8; BLOCK_HEADER_SIZE])?;
+        match self.seal.take() {
+            None => self.emit(&[0u8; BLOCK_HEADER_SIZE])?,
+            Some(seal) => {
+                // The end block authenticates the block count: nothing can be cut off.
+                let tag = seal
+                    .key
+                    .seal(&seal.prefix, &seal.context, seal.next_index, true, &[])
+                    .map_err(FormatError::into_io)?;
+                let mut bh = [0u8; BLOCK_HEADER_SIZE];
+                put32(&mut bh, 4, tag.len() as u32);
+                self.emit(&bh)?;
+                self.emit(&tag)?;
+            }
+        }
         let mut t = [0u8; TRAILER_SIZE];
         t[T_MAGIC..T_MAGIC + 4].copy_from_slice(&TRAILER_MAGIC);
         put64(&mut t, T_BODY_LEN, self.body_len);
@@ -360,6 +437,7 @@ impl<W: Write> Write for ObjectWriter<W> {
 pub struct ObjectReader<R: Read> {
     input: R,
     header: ObjectHeader,
+    seal: Option<Sealing>,
     crc: crc32fast::Hasher,
     body_len: u64,
     raw_read: u64,
@@ -371,17 +449,52 @@ pub struct ObjectReader<R: Read> {
 
 impl<R: Read> ObjectReader<R> {
     /// Reads and verifies the header.
-    pub fn new(mut input: R) -> Result<Self, FormatError> {
+    pub fn new(input: R) -> Result<Self, FormatError> {
+        Self::with_keys(input, None)
+    }
+
+    /// Reads and verifies the header; an encrypted object is decrypted with the key of
+    /// `keys` whose id it names ([`FormatError::Encrypted`] without keys,
+    /// [`FormatError::UnknownKey`] when none matches).
+    pub fn with_keys(mut input: R, keys: Option<&KeyRing>) -> Result<Self, FormatError> {
         let mut h = [0u8; HEADER_SIZE];
         read_exact_or_truncated(&mut input, &mut h, "object header")?;
         let header = ObjectHeader::decode(&h)?;
         let mut crc = crc32fast::Hasher::new();
         crc.update(&h);
+        let mut body_len = 0;
+        let seal = if header.flags & FLAG_ENCRYPTED != 0 {
+            let mut pre = [0u8; PREAMBLE_SIZE];
+            read_exact_or_truncated(&mut input, &mut pre, "encryption preamble")?;
+            crc.update(&pre);
+            body_len = PREAMBLE_SIZE as u64;
+            let Some(keys) = keys else {
+                return Err(FormatError::Encrypted);
+            };
+            let mut id = [0u8; KEY_ID_LEN];
+            id.copy_from_slice(&pre[..KEY_ID_LEN]);
+            let key = keys.find(&id).ok_or_else(|| FormatError::UnknownKey {
+                id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            })?;
+            let mut prefix = [0u8; 8];
+            prefix.copy_from_slice(&pre[KEY_ID_LEN..KEY_ID_LEN + 8]);
+            let mut context = h.to_vec();
+            context.extend_from_slice(&pre);
+            Some(Sealing {
+                key: key.clone(),
+                prefix,
+                context,
+                next_index: 0,
+            })
+        } else {
+            None
+        };
         Ok(ObjectReader {
             input,
             header,
+            seal,
             crc,
-            body_len: 0,
+            body_len,
             raw_read: 0,
             block: Vec::new(),
             block_pos: 0,
@@ -408,13 +521,24 @@ impl<R: Read> ObjectReader<R> {
         let raw = get32(&bh, 0) as usize;
         let stored = get32(&bh, 4) as usize;
         if raw == 0 {
-            if stored != 0 {
-                return Err(FormatError::corrupt("bad end block"));
+            match &self.seal {
+                None if stored == 0 => {}
+                Some(seal) if stored == TAG_SIZE => {
+                    let mut tag = [0u8; TAG_SIZE];
+                    read_exact_or_truncated(&mut self.input, &mut tag, "end block")?;
+                    self.crc.update(&tag);
+                    self.body_len += TAG_SIZE as u64;
+                    seal.key
+                        .open(&seal.prefix, &seal.context, seal.next_index, true, &tag)?;
+                }
+                _ => return Err(FormatError::corrupt("bad end block")),
             }
             self.verify_trailer()?;
             return Ok(false);
         }
-        if raw > MAX_BLOCK || stored > lz4_flex::block::get_maximum_output_size(MAX_BLOCK) {
+        if raw > MAX_BLOCK
+            || stored > lz4_flex::block::get_maximum_output_size(MAX_BLOCK) + TAG_SIZE
+        {
             return Err(FormatError::corrupt(format!(
                 "block too large ({raw} raw, {stored} stored)"
             )));
@@ -426,6 +550,16 @@ impl<R: Read> ObjectReader<R> {
         read_exact_or_truncated(&mut self.input, &mut self.compressed, "object block")?;
         self.crc.update(&self.compressed);
         self.body_len += stored as u64;
+        if let Some(seal) = &mut self.seal {
+            self.compressed = seal.key.open(
+                &seal.prefix,
+                &seal.context,
+                seal.next_index,
+                false,
+                &self.compressed,
+            )?;
+            seal.next_index += 1;
+        }
         self.block.resize(raw, 0);
         match lz4_flex::block::decompress_into(&self.compressed, &mut self.block) {
             Ok(n) if n == raw => {}
@@ -631,6 +765,91 @@ mod tests {
         let mut w = ObjectWriter::new(Vec::new(), &h).expect("new");
         w.write_all(&[0u8; 512]).expect("write");
         assert!(w.finish().is_err());
+    }
+
+    fn encrypted(key: &Key, raw: &[u8], block: usize) -> Vec<u8> {
+        let mut h = snapshot_header((raw.len() / 512) as u32, 512);
+        h.raw_len = raw.len() as u64;
+        let mut w = ObjectWriter::new_encrypted(Vec::new(), &h, key, [9u8; 8])
+            .expect("new")
+            .with_block_size(block);
+        w.write_all(raw).expect("write");
+        w.finish().expect("finish")
+    }
+
+    /// Recomputes the trailer's CRCs as an attacker who can write to the bucket would.
+    fn recrc(mut b: Vec<u8>) -> Vec<u8> {
+        let t = b.len() - TRAILER_SIZE;
+        let body_len = (t - HEADER_SIZE) as u64;
+        b[t + T_BODY_LEN..t + T_BODY_LEN + 8].copy_from_slice(&body_len.to_be_bytes());
+        let crc = crc32fast::hash(&b[..t]);
+        b[t + T_CRC..t + T_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        let self_crc = crc32fast::hash(&b[t..t + T_SELF_CRC]);
+        b[t + T_SELF_CRC..t + T_SELF_CRC + 4].copy_from_slice(&self_crc.to_be_bytes());
+        b
+    }
+
+    fn decode_with(bytes: &[u8], ring: &KeyRing) -> Result<Vec<u8>, FormatError> {
+        let mut r = ObjectReader::with_keys(bytes, Some(ring))?;
+        let mut raw = Vec::new();
+        r.read_to_end(&mut raw).map_err(FormatError::from_io)?;
+        Ok(raw)
+    }
+
+    #[test]
+    fn encrypted_objects_round_trip_and_hide_their_body() {
+        let key = Key::from_bytes(&[3u8; 32]).expect("key");
+        let raw: Vec<u8> = (0..4 * 512).map(|i| (i % 7) as u8).collect();
+        let bytes = encrypted(&key, &raw, 700);
+        assert_eq!(
+            decode_with(&bytes, &KeyRing::new(key.clone())).expect("decode"),
+            raw
+        );
+        // The body is not readable without the key: no plain LZ4 of the pattern inside.
+        assert!(matches!(
+            decode_from_slice(&bytes),
+            Err(FormatError::Encrypted)
+        ));
+        let other = Key::from_bytes(&[4u8; 32]).expect("key");
+        match decode_with(&bytes, &KeyRing::new(other.clone())) {
+            Err(FormatError::UnknownKey { id }) => assert_eq!(id, key.id_hex()),
+            r => panic!("expected UnknownKey, got {r:?}"),
+        }
+        // Rotation: an old key accepted for reading.
+        let ring = KeyRing::new(other).with_reader(key);
+        assert_eq!(decode_with(&bytes, &ring).expect("old key"), raw);
+    }
+
+    #[test]
+    fn tampered_truncated_and_reordered_encrypted_objects_are_refused() {
+        let key = Key::from_bytes(&[5u8; 32]).expect("key");
+        let ring = KeyRing::new(key.clone());
+        let raw: Vec<u8> = (0..4 * 512).map(|i| (i * 31 % 256) as u8).collect();
+        // Blocks of 512 raw bytes; the pattern compresses poorly so blocks have equal size.
+        let bytes = encrypted(&key, &raw, 512);
+        let first = HEADER_SIZE + PREAMBLE_SIZE;
+        let stored = get32(&bytes, first + 4) as usize;
+        let block = BLOCK_HEADER_SIZE + stored;
+        // Tamper with a ciphertext byte, CRCs fixed up.
+        let mut t = bytes.clone();
+        t[first + BLOCK_HEADER_SIZE + 3] ^= 1;
+        assert!(decode_with(&recrc(t), &ring).is_err(), "tampered");
+        // Swap blocks 0 and 1 (same sizes), CRCs fixed up.
+        let second_stored = get32(&bytes, first + block + 4) as usize;
+        assert_eq!(stored, second_stored);
+        let mut t = bytes.clone();
+        let (a, b) = (
+            bytes[first..first + block].to_vec(),
+            bytes[first + block..first + 2 * block].to_vec(),
+        );
+        t[first..first + block].copy_from_slice(&b);
+        t[first + block..first + 2 * block].copy_from_slice(&a);
+        assert!(decode_with(&recrc(t), &ring).is_err(), "reordered");
+        // Drop the last data block (and keep the end block), CRCs fixed up.
+        let end = bytes.len() - TRAILER_SIZE - BLOCK_HEADER_SIZE - TAG_SIZE;
+        let mut t = bytes[..end - block].to_vec();
+        t.extend_from_slice(&bytes[end..]);
+        assert!(decode_with(&recrc(t), &ring).is_err(), "truncated");
     }
 
     proptest! {
