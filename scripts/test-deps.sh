@@ -7,6 +7,19 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/target/test-venv"
 moto="$venv/bin/moto_server"
 
+# Debian's Chromium for the dashboard test (crates/walship/tests/http_dashboard.rs), only when
+# missing. Needs root (CI runs as root); otherwise the test says how to install it.
+if [[ ! -x /usr/bin/chromium ]]; then
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "test-deps: installing chromium (apt-get)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq chromium >/dev/null
+    else
+        echo "test-deps: /usr/bin/chromium is missing and this is not root with apt-get; install chromium for the dashboard test" >&2
+    fi
+fi
+
 if [[ -x "$moto" ]]; then
     exit 0
 fi

@@ -6,8 +6,9 @@
 //! long, and writes a snapshot when the snapshot interval passed and the database changed.
 //! Anything it cannot prove continuous starts a new generation with a fresh snapshot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,7 +71,10 @@ pub struct Status {
     pub last_snapshot_ms: Option<i64>,
     /// When the replica last held everything committed (ms since the epoch).
     pub last_synced_ms: Option<i64>,
-    /// Since when committed data has been waiting to be shipped (ms since the epoch).
+    /// Since when committed data has been waiting to be shipped (ms since the epoch): the
+    /// time of the first change to the WAL after the last complete sync (from file
+    /// notifications; the time the replicator saw the frames when notifications are off).
+    /// `now - unsynced_since_ms` is the replication lag.
     pub unsynced_since_ms: Option<i64>,
     /// The last error, cleared by the next successful sync.
     pub last_error: Option<String>,
@@ -80,8 +84,46 @@ pub struct Status {
     pub bytes_uploaded: u64,
     /// Generations started by this process.
     pub generations_started: u64,
-    /// Checkpoints run.
+    /// Checkpoints run (all PASSIVE).
     pub checkpoints: u64,
+    /// Snapshots written by this process.
+    pub snapshots: u64,
+    /// Bytes of the last snapshot uploaded.
+    pub last_snapshot_bytes: u64,
+    /// How long the last snapshot took, in milliseconds.
+    pub last_snapshot_duration_ms: u64,
+    /// WAL frames shipped in segments.
+    pub frames_shipped: u64,
+    /// Size of the `-wal` file at the last sync, in bytes.
+    pub wal_bytes: u64,
+    /// Failed rounds by kind of error ([`error_kind`]).
+    pub errors_by_kind: BTreeMap<&'static str, u64>,
+    /// Rounds that failed in a row; 0 after a successful sync.
+    pub consecutive_errors: u64,
+}
+
+/// A short, stable name for the kind of an error, for metrics and alerts:
+/// `unavailable`, `access_denied`, `no_such_bucket`, `conflict`, `not_found`, `io`,
+/// `sqlite`, `missing_database`, `corrupt`, `encryption` or `other`.
+pub fn error_kind(e: &EngineError) -> &'static str {
+    use walship_storage::StorageError as S;
+    match e {
+        EngineError::Storage(s) => match s {
+            S::Unavailable { .. } | S::Injected(_) => "unavailable",
+            S::AccessDenied { .. } => "access_denied",
+            S::NoSuchBucket { .. } => "no_such_bucket",
+            S::AlreadyExists { .. } => "conflict",
+            S::NotFound { .. } => "not_found",
+            S::Io { .. } => "io",
+            _ => "other",
+        },
+        EngineError::Io { .. } => "io",
+        EngineError::Sqlite { .. } => "sqlite",
+        EngineError::MissingDatabase { .. } | EngineError::NotWalMode { .. } => "missing_database",
+        EngineError::Corrupt { .. } => "corrupt",
+        EngineError::Encryption { .. } => "encryption",
+        _ => "other",
+    }
 }
 
 enum Command {
@@ -95,6 +137,8 @@ pub struct ReplicatorHandle {
     cmd: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
     cancel: CancellationToken,
+    /// First WAL change not yet taken up by a sync round (ms since the epoch; 0 = none).
+    dirty: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -127,9 +171,15 @@ impl ReplicatorHandle {
         rx.await.map_err(|_| EngineError::Cancelled)?
     }
 
-    /// The latest status.
+    /// The latest status. Its `unsynced_since_ms` also counts WAL changes the replicator
+    /// has not looked at yet, so the lag it gives is real even between rounds.
     pub fn status(&self) -> Status {
-        self.status.borrow().clone()
+        let mut s = self.status.borrow().clone();
+        let mark = self.dirty.load(Ordering::Acquire);
+        if mark > 0 {
+            s.unsynced_since_ms = Some(s.unsynced_since_ms.map_or(mark, |u| u.min(mark)));
+        }
+        s
     }
 
     /// A receiver of status changes.
@@ -154,13 +204,15 @@ pub fn spawn(
 ) -> (ReplicatorHandle, tokio::task::JoinHandle<EngineResult<()>>) {
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let (status_tx, status_rx) = watch::channel(Status::default());
+    let dirty = Arc::new(AtomicI64::new(0));
     let handle = ReplicatorHandle {
         cmd: cmd_tx,
         status: status_rx,
         cancel: cancel.clone(),
+        dirty: dirty.clone(),
     };
     let join = tokio::spawn(async move {
-        let r = Replicator::start(db_path, replica, opts, status_tx, cmd_rx, false).await;
+        let r = Replicator::start(db_path, replica, opts, status_tx, cmd_rx, false, dirty).await;
         match r {
             Ok(rep) => rep.run(cancel).await,
             Err(e) => Err(e),
@@ -189,6 +241,7 @@ pub async fn snapshot_once(
         status_tx,
         cmd_rx,
         true,
+        Arc::new(AtomicI64::new(0)),
     )
     .await?;
     let st = status_rx.borrow().clone();
@@ -265,6 +318,10 @@ struct Replicator {
     changed_since_snapshot: bool,
     last_handoff: Instant,
     last_sync: Instant,
+    /// Set by file notifications at the first WAL change after it was last taken.
+    dirty: Arc<AtomicI64>,
+    /// The oldest WAL change taken from `dirty` and not yet shipped.
+    pending_since: Option<i64>,
 }
 
 fn now_ms() -> i64 {
@@ -379,6 +436,7 @@ impl Replicator {
         status: watch::Sender<Status>,
         cmds: mpsc::Receiver<Command>,
         force_new: bool,
+        dirty: Arc<AtomicI64>,
     ) -> EngineResult<Replicator> {
         let p = db_path.clone();
         let enable = opts.enable_wal;
@@ -386,7 +444,7 @@ impl Replicator {
         let wal_path = db.wal_path();
         let db = Arc::new(Mutex::new(db));
         let wake = Arc::new(Notify::new());
-        let watcher = watch_files(&db_path, wake.clone());
+        let watcher = watch_files(&db_path, wake.clone(), dirty.clone());
         let (end, newest) = replica_end(&replica).await?;
         let end = if force_new { None } else { end };
         let tail = Tail {
@@ -416,6 +474,8 @@ impl Replicator {
             changed_since_snapshot: false,
             last_handoff: Instant::now(),
             last_sync: Instant::now(),
+            dirty,
+            pending_since: None,
         };
         rep.begin(end, newest).await?;
         Ok(rep)
@@ -588,6 +648,9 @@ impl Replicator {
         self.changed_since_snapshot = false;
         let done = now_ms();
         self.publish(|s| {
+            s.snapshots += 1;
+            s.last_snapshot_bytes = bytes;
+            s.last_snapshot_duration_ms = elapsed_ms;
             s.last_snapshot_ms = Some(done);
             s.last_upload_ms = Some(done);
             s.objects_uploaded += 1;
@@ -614,6 +677,10 @@ impl Replicator {
     /// Ships everything committed. Returns true if anything was uploaded.
     async fn sync_once(&mut self) -> EngineResult<bool> {
         self.last_sync = Instant::now();
+        let mark = self.dirty.swap(0, Ordering::AcqRel);
+        if mark > 0 {
+            self.pending_since = Some(self.pending_since.map_or(mark, |p| p.min(mark)));
+        }
         let mut shipped = false;
         // A restart seen mid-way is handled by observing again.
         for _ in 0..3 {
@@ -628,11 +695,12 @@ impl Replicator {
                 }
                 Observed::Frames(scan) => {
                     if !scan.frames.is_empty() {
-                        let now = now_ms();
+                        let since = self.pending_since.unwrap_or(i64::MAX).min(now_ms());
                         self.status.send_if_modified(|s| {
-                            let first = s.unsynced_since_ms.is_none();
-                            s.unsynced_since_ms.get_or_insert(now);
-                            first
+                            let new = s.unsynced_since_ms.map_or(since, |u| u.min(since));
+                            let changed = s.unsynced_since_ms != Some(new);
+                            s.unsynced_since_ms = Some(new);
+                            changed
                         });
                     }
                     if let Some(h) = scan_restart_header(&self.tail, &scan) {
@@ -654,10 +722,14 @@ impl Replicator {
             }
         }
         let now = now_ms();
+        self.pending_since = None;
+        let wal_bytes = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
         self.publish(|s| {
             s.last_synced_ms = Some(now);
             s.unsynced_since_ms = None;
             s.last_error = None;
+            s.consecutive_errors = 0;
+            s.wal_bytes = wal_bytes;
         });
         Ok(shipped)
     }
@@ -745,6 +817,7 @@ impl Replicator {
         tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = end, frames = n, bytes, elapsed_ms, "segment uploaded");
         let done = now_ms();
         self.publish(|s| {
+            s.frames_shipped += u64::from(n);
             s.position = end;
             s.last_upload_ms = Some(done);
             s.objects_uploaded += 1;
@@ -847,10 +920,13 @@ impl Replicator {
             if let Err(e) = &r {
                 tracing::warn!(db = %self.span_db(), error = %e, "sync failed; will retry");
                 let msg = e.to_string();
-                let now = now_ms();
+                let kind = error_kind(e);
+                let since = self.pending_since.unwrap_or(i64::MAX).min(now_ms());
                 self.publish(|s| {
                     s.last_error = Some(msg);
-                    s.unsynced_since_ms.get_or_insert(now);
+                    *s.errors_by_kind.entry(kind).or_default() += 1;
+                    s.consecutive_errors += 1;
+                    s.unsynced_since_ms = Some(s.unsynced_since_ms.map_or(since, |u| u.min(since)));
                 });
             }
             match reply {
@@ -967,7 +1043,11 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
 }
 
 /// Watches the database's directory; any event on the database or its WAL wakes the loop.
-fn watch_files(db_path: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+fn watch_files(
+    db_path: &Path,
+    wake: Arc<Notify>,
+    dirty: Arc<AtomicI64>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let dir = db_path
         .parent()
@@ -988,6 +1068,13 @@ fn watch_files(db_path: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedW
                 .iter()
                 .any(|p| p.file_name().map(|n| n.to_os_string()) == wal_name)
         {
+            if matches!(
+                ev.kind,
+                notify::EventKind::Modify(_) | notify::EventKind::Create(_)
+            ) {
+                // The first change since the replicator last looked: the lag starts here.
+                let _ = dirty.compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
+            }
             wake.notify_one();
         }
     })

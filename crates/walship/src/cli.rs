@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use walship_format::crypto::{Key, KeyRing};
 use walship_storage::{ChecksumMode, S3Options, ServerSideEncryption};
 
 use crate::duration::Dur;
@@ -33,6 +34,22 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// List the generations and snapshots of a replica.
     Generations(GenerationsArgs),
+    /// Show the history of backup runs of a database (written by `replicate`).
+    History(crate::http::history::HistoryArgs),
+    /// Decrypt and decode one object file into its plain body (a snapshot becomes a SQLite
+    /// database file; a segment, its WAL frames).
+    Decrypt(DecryptArgs),
+}
+
+/// `walship decrypt`.
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// The object file (downloaded from the replica).
+    pub input: PathBuf,
+    /// Where to write the plain body; nothing is written if anything fails.
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// Settings of S3 replicas.
@@ -48,9 +65,65 @@ pub struct StoreArgs {
     /// when-supported.
     #[arg(long, env = "WALSHIP_S3_CHECKSUM", default_value = "when-required")]
     pub s3_checksum: String,
+    /// File holding the 32-byte client-side encryption key (hex or base64). New objects are
+    /// encrypted with it (AES-256-GCM); WALSHIP_ENCRYPTION_KEY may hold the key itself.
+    #[arg(long, env = "WALSHIP_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// File holding an older key accepted for reading (key rotation); repeatable.
+    #[arg(long)]
+    pub decryption_key_file: Vec<PathBuf>,
 }
 
 impl StoreArgs {
+    /// The encryption keys: `--encryption-key-file` or WALSHIP_ENCRYPTION_KEY to write and
+    /// read, `--decryption-key-file` and WALSHIP_DECRYPTION_KEYS (comma-separated) to read.
+    /// Errors never contain a key.
+    pub fn keys(&self) -> anyhow::Result<Option<KeyRing>> {
+        use anyhow::Context;
+        let parse = |text: &str, origin: &str| {
+            Key::parse(text).with_context(|| format!("bad encryption key in {origin}"))
+        };
+        let write = match (
+            &self.encryption_key_file,
+            std::env::var("WALSHIP_ENCRYPTION_KEY"),
+        ) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read --encryption-key-file {}", path.display())
+                })?;
+                Some(parse(&text, &path.display().to_string())?)
+            }
+            (None, Ok(text)) if !text.trim().is_empty() => {
+                Some(parse(&text, "WALSHIP_ENCRYPTION_KEY")?)
+            }
+            _ => None,
+        };
+        let mut readers = Vec::new();
+        for path in &self.decryption_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --decryption-key-file {}", path.display()))?;
+            readers.push(parse(&text, &path.display().to_string())?);
+        }
+        if let Ok(list) = std::env::var("WALSHIP_DECRYPTION_KEYS") {
+            for (i, text) in list.split(',').filter(|t| !t.trim().is_empty()).enumerate() {
+                readers.push(parse(
+                    text,
+                    &format!("WALSHIP_DECRYPTION_KEYS entry {}", i + 1),
+                )?);
+            }
+        }
+        let ring = match write {
+            Some(k) => Some(
+                readers
+                    .into_iter()
+                    .fold(KeyRing::new(k), KeyRing::with_reader),
+            ),
+            None if !readers.is_empty() => Some(KeyRing::read_only(readers)),
+            None => None,
+        };
+        Ok(ring)
+    }
+
     /// Applies these settings.
     pub fn apply(&self, s3: &mut S3Options) -> anyhow::Result<()> {
         s3.sse = match self.sse.as_deref() {
@@ -100,6 +173,8 @@ pub struct ReplicateArgs {
     pub enable_wal: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub http: Box<crate::http::HttpArgs>,
 }
 
 /// `walship restore`.

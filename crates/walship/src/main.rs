@@ -5,6 +5,7 @@
 
 mod cli;
 mod duration;
+mod http;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use walship_format::key::{ObjectKey, format_time};
 use walship_storage::{ReplicaUrl, StoreOptions};
 
 use crate::cli::{
-    Cli, Command, GenerationsArgs, ReplicateArgs, RestoreArgs, SnapshotArgs, StoreArgs,
+    Cli, Command, DecryptArgs, GenerationsArgs, ReplicateArgs, RestoreArgs, SnapshotArgs, StoreArgs,
 };
 
 fn main() -> ExitCode {
@@ -40,6 +41,8 @@ fn main() -> ExitCode {
             Command::Restore(a) => restore(a).await,
             Command::Snapshot(a) => snapshot(a).await,
             Command::Generations(a) => generations(a).await,
+            Command::History(a) => http::history::command(&a),
+            Command::Decrypt(a) => decrypt(a),
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -83,12 +86,65 @@ fn init_logging(cli: &Cli) {
     }
 }
 
-async fn open_replica(url: &str, store: &StoreArgs) -> Result<Replica> {
+async fn open_replica(url: &str, args: &StoreArgs) -> Result<Replica> {
     let url: ReplicaUrl = url.parse()?;
     let mut opts = StoreOptions::default();
-    store.apply(&mut opts.s3)?;
+    args.apply(&mut opts.s3)?;
+    let keys = args.keys()?;
     let store = walship_storage::open(&url, &opts).await?;
-    Ok(Replica::new(store))
+    let replica = Replica::new(store);
+    Ok(match keys {
+        Some(k) => replica.with_keys(k),
+        None => replica,
+    })
+}
+
+fn decrypt(a: DecryptArgs) -> Result<ExitCode> {
+    use std::io::{BufReader, BufWriter, Read, Write};
+    let keys = a
+        .store
+        .keys()?
+        .context("no key given (set WALSHIP_ENCRYPTION_KEY or pass --encryption-key-file)")?;
+    let input = std::fs::File::open(&a.input)
+        .with_context(|| format!("cannot open {}", a.input.display()))?;
+    let mut r = walship_format::object::ObjectReader::with_keys(BufReader::new(input), Some(&keys))
+        .with_context(|| format!("cannot decrypt {}", a.input.display()))?;
+    let dir = a
+        .output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut w = BufWriter::new(tmp);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r
+            .read(&mut buf)
+            .map_err(walship_format::FormatError::from_io)
+            .with_context(|| format!("cannot decrypt {}", a.input.display()))?;
+        if n == 0 {
+            break;
+        }
+        w.write_all(&buf[..n]).context("write output")?;
+    }
+    let tmp = w
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .context("write output")?;
+    tmp.persist(&a.output)
+        .map_err(|e| e.error)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    let h = r.header();
+    eprintln!(
+        "decrypted {} ({:?}, generation {:016x}, {} bytes) into {}",
+        a.input.display(),
+        h.kind,
+        h.generation,
+        h.raw_len,
+        a.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
@@ -114,7 +170,20 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
         .context("install SIGINT handler")?;
     let cancel = CancellationToken::new();
     let (handle, mut task) =
-        walship_engine::replicate::spawn(db.clone(), replica, opts, cancel.clone());
+        walship_engine::replicate::spawn(db.clone(), replica.clone(), opts, cancel.clone());
+    // Run history, alerts and (with --listen) the HTTP server; never in the replicator's way.
+    let monitoring = http::start(
+        &a.http,
+        vec![http::Database::new(
+            http::default_name(&db),
+            std::path::absolute(&db).unwrap_or_else(|_| db.clone()),
+            &url,
+            handle.clone(),
+            replica,
+        )],
+        a.snapshot_interval.0,
+    )
+    .await?;
 
     // The replicator is up once its first sync answers; only then start the app.
     tokio::select! {
@@ -197,6 +266,7 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
             bail!("final sync did not finish within {deadline:?} (raise --shutdown-timeout)");
         }
     }
+    monitoring.stop().await;
     if let Some(st) = child_status {
         return Ok(exit_code_of(st));
     }

@@ -42,7 +42,7 @@ fn base_seed() -> u64 {
 }
 
 /// One randomized trial. Returns the number of replicator kills.
-fn trial(seed: u64, url: &str, dir: &Path) -> u32 {
+fn trial(seed: u64, url: &str, dir: &Path, extra: &[&str]) -> u32 {
     let mut r = Rng::new(seed);
     let db = dir.join("app.db");
     let wlog = dir.join("writer.log");
@@ -62,7 +62,7 @@ fn trial(seed: u64, url: &str, dir: &Path) -> u32 {
     };
     let checkpoint_frames = [20u64, 100, 1000][r.below(3) as usize].to_string();
     let snapshot_interval = format!("{}ms", 300 + r.below(2000));
-    let args = [
+    let mut args = vec![
         "--sync-interval",
         "200ms",
         "--snapshot-interval",
@@ -70,6 +70,7 @@ fn trial(seed: u64, url: &str, dir: &Path) -> u32 {
         "--checkpoint-frames",
         checkpoint_frames.as_str(),
     ];
+    args.extend_from_slice(extra);
     let ctx = format!("seed {seed} ({spec:?}, checkpoint-frames {checkpoint_frames})");
     let mut writer = spawn_writer(&spec, "writer_child");
     // Sometimes the replicator starts late, after many writes.
@@ -88,7 +89,7 @@ fn trial(seed: u64, url: &str, dir: &Path) -> u32 {
             }
             // A restore now must be a consistent prefix (it may lag behind the writer).
             let out = dir.join(format!("mid-{kills}.db"));
-            let o = restore(url, &out, &[]);
+            let o = restore(url, &out, extra);
             if o.status.success() {
                 let n = assert_prefix_state(&out, seed, &ctx);
                 let committed = last_committed(&wlog);
@@ -123,7 +124,7 @@ fn trial(seed: u64, url: &str, dir: &Path) -> u32 {
         tail(&rlog)
     );
     let out = dir.join("final.db");
-    let o = restore(url, &out, &[]);
+    let o = restore(url, &out, extra);
     assert!(
         o.status.success(),
         "{ctx}: final restore failed: {}\nreplicator log:\n{}",
@@ -152,7 +153,7 @@ fn sigkill_at_random_points_never_loses_or_tears_on_a_local_replica() {
         eprintln!(
             "torture trial {t} seed {seed} (WALSHIP_TORTURE_SEED={seed} WALSHIP_TORTURE_TRIALS=1 to rerun)"
         );
-        kills += trial(seed, &url, dir.path());
+        kills += trial(seed, &url, dir.path(), &[]);
     }
     eprintln!(
         "{n} trials, {kills} SIGKILLs, seeds {seed0}..{}",
@@ -172,10 +173,37 @@ fn sigkill_at_random_points_never_loses_or_tears_on_s3() {
         let prefix = MotoServer::unique_prefix("torture");
         let url = moto.url(moto.bucket(), &prefix).to_string();
         eprintln!("s3 torture trial {t} seed {seed}");
-        kills += trial(seed, &url, dir.path());
+        kills += trial(seed, &url, dir.path(), &[]);
     }
     eprintln!(
         "{n} S3 trials, {kills} SIGKILLs, seeds {seed0}..{}",
         seed0.wrapping_add(n)
     );
+}
+
+#[test]
+fn encrypted_replicas_survive_sigkill_trials_on_both_backends() {
+    let n = (trials(40) / 8).max(2);
+    let seed0 = base_seed().wrapping_add(2_000_000);
+    let moto = MotoServer::shared();
+    for t in 0..n {
+        let seed = seed0.wrapping_add(t);
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(
+            &key,
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+        )
+        .unwrap();
+        let key_arg = key.to_str().unwrap().to_string();
+        let extra = ["--encryption-key-file", key_arg.as_str()];
+        let url = if t % 2 == 0 {
+            file_url(&dir.path().join("replica"))
+        } else {
+            moto.url(moto.bucket(), &MotoServer::unique_prefix("enc-torture"))
+                .to_string()
+        };
+        eprintln!("encrypted torture trial {t} seed {seed} on {url}");
+        trial(seed, &url, dir.path(), &extra);
+    }
 }

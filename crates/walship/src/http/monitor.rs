@@ -1,0 +1,321 @@
+//! One monitor task per database: follows the replicator's status, records runs in the
+//! history, feeds the snapshot-duration histogram, keeps the replica listing fresh (only
+//! after uploads), evaluates health and sends alerts on changes.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use walship_engine::Status;
+
+use super::alerts::{Alert, host_name};
+use super::health::{self, DbHealth, Facts, Level};
+use super::history::{Recorder, Run};
+use super::{AppState, DbState, now_ms, rfc3339};
+
+/// How often health is evaluated without a status change.
+const TICK: Duration = Duration::from_secs(1);
+/// Shortest time between two listings of the replica while it changes.
+pub const LIST_EVERY: Duration = Duration::from_secs(60);
+
+/// What the monitor keeps between looks (shared with the API).
+#[derive(Debug, Default)]
+pub struct MonitorState {
+    /// Health at the last evaluation.
+    pub level: Option<Level>,
+    /// An upload-failing alert was sent and not yet followed by a recovery.
+    pub failing_alerted: bool,
+    /// Write time of the oldest segment after the newest snapshot.
+    pub replay_since_ms: Option<i64>,
+    /// A segment or snapshot was seen by this process (then the listing's idea of
+    /// `replay_since_ms` is out of date).
+    pub seen_uploads: bool,
+    /// Trigger and request time of a snapshot asked through the API.
+    pub pending_trigger: Option<(String, i64)>,
+}
+
+/// The running monitors.
+#[derive(Debug)]
+pub struct Monitors {
+    state: AppState,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Monitors {
+    /// Takes a last look at every replicator (call it after their final sync), records the
+    /// runs still open, and delivers queued alerts (at most 5 s).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.state.inner.alerts.close(Duration::from_secs(5)).await;
+    }
+}
+
+pub fn spawn(state: &AppState) -> Monitors {
+    let stop = CancellationToken::new();
+    let tasks = (0..state.inner.dbs.len())
+        .map(|i| tokio::spawn(run(state.clone(), i, stop.clone())))
+        .collect();
+    Monitors {
+        state: state.clone(),
+        stop,
+        tasks,
+    }
+}
+
+/// The facts health is computed from, for database `d` with status `st`.
+pub fn facts(state: &AppState, d: &DbState, st: &Status, now: i64) -> Facts {
+    let listing = d.inventory.last();
+    let replay = d.monitor.lock().ok().and_then(|m| m.replay_since_ms);
+    let (latest, newest_snap, backups) = match &listing {
+        Some((l, snaps_then)) => (
+            l.newest_ms,
+            l.newest_snapshot_ms,
+            l.snapshots + st.snapshots.saturating_sub(*snaps_then),
+        ),
+        None => (None, None, st.snapshots),
+    };
+    Facts {
+        now_ms: now,
+        started_ms: state.inner.started_ms,
+        latest_backup_ms: latest,
+        newest_snapshot_ms: newest_snap,
+        replay_since_ms: replay,
+        backups,
+    }
+}
+
+/// Health of database `d` now.
+pub fn health_of(state: &AppState, d: &DbState) -> (Status, DbHealth) {
+    let now = now_ms();
+    let st = d.db.handle.status();
+    let f = facts(state, d, &st, now);
+    let h = health::evaluate(&st, &f, &state.inner.opts.thresholds);
+    (st, h)
+}
+
+async fn run(state: AppState, idx: usize, stop: CancellationToken) {
+    let d = &state.inner.dbs[idx];
+    let name = d.db.name.clone();
+    let mut watch = d.db.handle.watch();
+    let mut watching = true;
+    let mut rec = Recorder::new(&name, Status::default());
+    let mut prev = Status::default();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tick.tick() => false,
+            r = watch.changed(), if watching => {
+                if r.is_err() {
+                    watching = false;
+                }
+                false
+            }
+        };
+        let now = now_ms();
+        let st = d.db.handle.status();
+        look(&state, idx, &mut rec, &prev, &st, now).await;
+        prev = st;
+        if stopping {
+            break;
+        }
+    }
+    let last = rec.finish(now_ms());
+    append(&state, idx, last).await;
+}
+
+async fn look(
+    state: &AppState,
+    idx: usize,
+    rec: &mut Recorder,
+    prev: &Status,
+    st: &Status,
+    now: i64,
+) {
+    let d = &state.inner.dbs[idx];
+    // The run history.
+    if let Ok(mut m) = d.monitor.lock()
+        && st.snapshots > prev.snapshots
+        && let Some((trigger, asked)) = m.pending_trigger.take()
+    {
+        if st.last_snapshot_ms.unwrap_or(now) >= asked {
+            rec.next_snapshot_trigger = Some(trigger);
+        } else {
+            m.pending_trigger = Some((trigger, asked));
+        }
+    }
+    let runs = rec.observe(st, now);
+    append(state, idx, runs).await;
+
+    // Metrics that need an event, not a value.
+    if st.snapshots > prev.snapshots {
+        state
+            .inner
+            .metrics
+            .observe_snapshot(&d.db.name, st.last_snapshot_duration_ms);
+    }
+
+    // What restore would replay after the newest snapshot.
+    let new_snapshots = st.snapshots.saturating_sub(prev.snapshots);
+    let new_segments = st
+        .objects_uploaded
+        .saturating_sub(prev.objects_uploaded)
+        .saturating_sub(new_snapshots);
+    if let Ok(mut m) = d.monitor.lock() {
+        if new_snapshots > 0 {
+            m.replay_since_ms = None;
+            m.seen_uploads = true;
+        }
+        if new_segments > 0 {
+            m.seen_uploads = true;
+            let at = st.last_upload_ms.unwrap_or(now);
+            m.replay_since_ms.get_or_insert(at);
+        }
+    }
+
+    // The listing: once at the start, then at most every LIST_EVERY while uploading.
+    let stale = !d.inventory.has_listing() || st.objects_uploaded != prev.objects_uploaded;
+    if stale || needs_listing(d, st) {
+        refresh_listing(d, st).await;
+    }
+
+    // Health and alerts.
+    let f = facts(state, d, st, now);
+    let h = health::evaluate(st, &f, &state.inner.opts.thresholds);
+    alerts(state, d, st, &h, now);
+}
+
+/// True when uploads happened since the last listing and it is old enough.
+fn needs_listing(d: &DbState, st: &Status) -> bool {
+    match d.inventory.last() {
+        None => true,
+        Some((l, _)) => {
+            let age = now_ms() - l.listed_at_ms;
+            st.last_upload_ms.is_some_and(|u| u > l.listed_at_ms)
+                && age >= LIST_EVERY.as_millis() as i64
+        }
+    }
+}
+
+async fn refresh_listing(d: &DbState, st: &Status) {
+    let first = !d.inventory.has_listing();
+    if !first && !needs_listing(d, st) {
+        return;
+    }
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        d.inventory.get(&d.db.replica, st, LIST_EVERY),
+    )
+    .await;
+    match r {
+        Ok(Ok(listing)) => {
+            if let Ok(mut m) = d.monitor.lock()
+                && !m.seen_uploads
+            {
+                m.replay_since_ms = listing.replay_since_ms;
+            }
+        }
+        Ok(Err(e)) => tracing::debug!(db = %d.db.name, error = %e, "cannot list the replica"),
+        Err(_) => tracing::debug!(db = %d.db.name, "listing the replica timed out"),
+    }
+}
+
+fn alerts(state: &AppState, d: &DbState, st: &Status, h: &DbHealth, now: i64) {
+    let threshold = state.inner.opts.alert_after_failures;
+    let mut out: Vec<(&'static str, Level, String)> = Vec::new();
+    let previous;
+    {
+        let Ok(mut m) = d.monitor.lock() else { return };
+        previous = m.level.unwrap_or(Level::Healthy);
+        if st.consecutive_errors >= threshold && !m.failing_alerted {
+            m.failing_alerted = true;
+            out.push((
+                "upload_failing",
+                previous,
+                format!(
+                    "walship: uploads of {} have failed {} times in a row: {}",
+                    d.db.name,
+                    st.consecutive_errors,
+                    st.last_error.as_deref().unwrap_or("unknown error")
+                ),
+            ));
+        } else if st.consecutive_errors == 0 && m.failing_alerted {
+            m.failing_alerted = false;
+            out.push((
+                "upload_recovered",
+                previous,
+                format!("walship: uploads of {} work again", d.db.name),
+            ));
+        }
+        if h.status != previous {
+            let (event, text) = match h.status {
+                Level::Healthy => (
+                    "health_recovered",
+                    format!(
+                        "walship: {} is healthy again (was {})",
+                        d.db.name,
+                        previous.as_str()
+                    ),
+                ),
+                Level::Warning => (
+                    "health_warning",
+                    format!(
+                        "walship: {} is in warning: {}",
+                        d.db.name,
+                        h.reasons.join("; ")
+                    ),
+                ),
+                Level::Critical => (
+                    "health_critical",
+                    format!(
+                        "walship: {} is critical: {}",
+                        d.db.name,
+                        h.reasons.join("; ")
+                    ),
+                ),
+            };
+            out.push((event, previous, text));
+        }
+        m.level = Some(h.status);
+    }
+    if out.is_empty() {
+        return;
+    }
+    let health = serde_json::to_value(h).unwrap_or_default();
+    for (event, previous, text) in out {
+        state.inner.alerts.send(Alert {
+            event,
+            db: d.db.name.clone(),
+            path: d.db.path.display().to_string(),
+            replica: d.db.replica_url.clone(),
+            status: h.status.as_str(),
+            previous: previous.as_str(),
+            text,
+            time: rfc3339(now),
+            time_ms: now,
+            host: host_name(),
+            health: health.clone(),
+        });
+    }
+}
+
+async fn append(state: &AppState, idx: usize, runs: Vec<Run>) {
+    if runs.is_empty() {
+        return;
+    }
+    // Small appends with an fsync: off the async threads.
+    let st = state.clone();
+    let r = tokio::task::spawn_blocking(move || st.inner.dbs[idx].history.append(&runs)).await;
+    let name = &state.inner.dbs[idx].db.name;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(db = %name, error = %format!("{e:#}"), "cannot record the run history")
+        }
+        Err(e) => tracing::warn!(db = %name, error = %e, "cannot record the run history"),
+    }
+}
