@@ -317,6 +317,8 @@ struct Replicator {
     last_snapshot: Instant,
     changed_since_snapshot: bool,
     last_handoff: Instant,
+    /// (epoch, frames) at the last handoff: none again until the WAL moved on.
+    handoff_at: (u32, u32),
     last_sync: Instant,
     /// Set by file notifications at the first WAL change after it was last taken.
     dirty: Arc<AtomicI64>,
@@ -473,6 +475,7 @@ impl Replicator {
             last_snapshot: Instant::now(),
             changed_since_snapshot: false,
             last_handoff: Instant::now(),
+            handoff_at: (u32::MAX, u32::MAX),
             last_sync: Instant::now(),
             dirty,
             pending_since: None,
@@ -501,12 +504,14 @@ impl Replicator {
             establish(&mut db, timeout)
         })
         .await??;
+        let after_segments = end.is_some_and(|e| e.header.kind == Kind::Segment);
         let resumed = end.and_then(|end| self.try_resume(&est, end));
         match resumed {
             Some(tail) => {
                 tracing::info!(db = %self.span_db(), generation = %tail.generation, position = tail.position, "resuming replica");
                 self.tail = tail;
-                self.changed_since_snapshot = true;
+                // A snapshot is due only if segments were shipped after the newest one.
+                self.changed_since_snapshot = after_segments;
                 self.publish(|s| s.generation = Some(self.tail.generation));
                 Ok(())
             }
@@ -852,6 +857,7 @@ impl Replicator {
         })
         .await??;
         self.last_handoff = Instant::now();
+        self.handoff_at = (self.tail.epoch, self.tail.frames());
         r
     }
 
@@ -963,6 +969,7 @@ impl Replicator {
         }
         self.sync_once().await?;
         if self.tail.frames() >= self.opts.checkpoint_frames
+            && self.handoff_at != (self.tail.epoch, self.tail.frames())
             && (self.last_handoff.elapsed() >= self.opts.sync_interval * 5
                 || self.tail.frames() >= self.opts.checkpoint_frames.saturating_mul(10))
         {

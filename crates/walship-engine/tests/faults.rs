@@ -140,10 +140,20 @@ async fn an_idle_database_costs_no_request() {
     // Let the pending snapshot (the database changed) happen, then go idle.
     tokio::time::sleep(Duration::from_millis(600)).await;
     h.sync().await.unwrap();
+    // Enough frames for a checkpoint handoff, which must not repeat while idle either.
+    insert(&app, 200);
+    h.sync().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
     s.plan.reset_counts();
+    let checkpoints = h.status().checkpoints;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let c = s.plan.counts();
     assert_eq!(c.total(), 0, "requests while idle: {c:?}");
+    assert_eq!(
+        h.status().checkpoints,
+        checkpoints,
+        "checkpoints while idle"
+    );
     // And a write is shipped again afterwards.
     insert(&app, 1);
     h.sync().await.unwrap();
