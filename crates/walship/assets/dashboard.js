@@ -67,7 +67,7 @@
   // Bars of backup runs over time: height = size (log scale), colour = kind, red = failed.
   function chart(runs) {
     const W = 900, H = 180, L = 58, R = 10, T = 10, B = 26;
-    const s = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": "backup runs and sizes over time" });
+    const s = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "backup runs and sizes over time" });
     const now = Date.now();
     const ok = runs.filter((r) => r.start_ms);
     const t0 = ok.length ? Math.min(...ok.map((r) => r.start_ms)) : now - 3600e3;
