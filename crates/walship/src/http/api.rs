@@ -245,7 +245,7 @@ async fn history(
     Ok(axum::Json(json!({
         "db": d.db.name,
         "file": d.history.path().display().to_string(),
-        "runs": d.history.recent(limit),
+        "runs": super::monitor::runs_of(d, limit),
     }))
     .into_response())
 }

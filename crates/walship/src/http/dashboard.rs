@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use super::AppState;
 use super::api::status_doc;
 use super::error::ApiError;
+use super::monitor::runs_of;
 
 const PAGE: &str = include_str!("../../assets/dashboard.html");
 const SCRIPT: &str = include_str!("../../assets/dashboard.js");
@@ -21,7 +22,7 @@ const PAGE_RUNS: usize = 200;
 pub async fn page(State(state): State<AppState>) -> Html<String> {
     let mut history = Map::new();
     for d in &state.inner.dbs {
-        history.insert(d.db.name.clone(), json!(d.history.recent(PAGE_RUNS)));
+        history.insert(d.db.name.clone(), json!(runs_of(d, PAGE_RUNS)));
     }
     let initial = json!({ "status": status_doc(&state), "history": Value::Object(history) });
     Html(PAGE.replace("{{INITIAL}}", &script_json(&initial)))

@@ -192,11 +192,17 @@ impl History {
         Ok(())
     }
 
-    /// The most recent `limit` runs, newest first.
-    pub fn recent(&self, limit: usize) -> Vec<Run> {
+    /// The most recent `limit` runs, newest first, with `open` (runs still going on, which
+    /// replace recorded ones of the same id).
+    pub fn recent_with(&self, open: &[Run], limit: usize) -> Vec<Run> {
         let recent = self.recent.lock().map(|r| r.clone()).unwrap_or_default();
-        let mut out: Vec<Run> = recent.into_iter().rev().take(limit).collect();
+        let mut out: Vec<Run> = recent
+            .into_iter()
+            .filter(|r| !open.iter().any(|o| o.id == r.id))
+            .chain(open.iter().cloned())
+            .collect();
         out.sort_by_key(|r| std::cmp::Reverse(r.start_ms));
+        out.truncate(limit);
         out
     }
 }
@@ -377,6 +383,17 @@ impl Recorder {
         out
     }
 
+    /// The runs still going on: the current batch of uploads and failure episode.
+    pub fn open_runs(&self) -> Vec<Run> {
+        let mut out: Vec<Run> = self.failure.iter().cloned().collect();
+        if let Some(s) = &self.sync {
+            let mut r = s.clone();
+            r.end = r.end_ms.map(rfc3339);
+            out.push(r);
+        }
+        out
+    }
+
     /// Ends whatever is open (at shutdown).
     pub fn finish(&mut self, now_ms: i64) -> Vec<Run> {
         let mut out: Vec<Run> = self.close_sync().into_iter().collect();
@@ -550,7 +567,7 @@ mod tests {
         r.result = RunResult::Failed;
         h.append(std::slice::from_ref(&r))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(h.recent(10).len(), 1);
+        assert_eq!(h.recent_with(&[], 10).len(), 1);
         // A torn line is skipped.
         let mut f = OpenOptions::new()
             .append(true)
@@ -577,6 +594,6 @@ mod tests {
         let all = read_runs(&[rotated(h.path()), h.path().to_path_buf()]);
         assert_eq!(all.last().map(|r| r.start_ms), Some(T0 + 59));
         let reopened = History::open(dir.path(), 4096).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(reopened.recent(1)[0].start_ms, T0 + 59);
+        assert_eq!(reopened.recent_with(&[], 1)[0].start_ms, T0 + 59);
     }
 }

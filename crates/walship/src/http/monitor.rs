@@ -31,6 +31,8 @@ pub struct MonitorState {
     pub seen_uploads: bool,
     /// Trigger and request time of a snapshot asked through the API.
     pub pending_trigger: Option<(String, i64)>,
+    /// Runs still going on (not in the history file yet).
+    pub open_runs: Vec<Run>,
 }
 
 /// The running monitors.
@@ -63,6 +65,16 @@ pub fn spawn(state: &AppState) -> Monitors {
         stop,
         tasks,
     }
+}
+
+/// Recent runs of `d`, newest first, including those still going on.
+pub fn runs_of(d: &DbState, limit: usize) -> Vec<Run> {
+    let open = d
+        .monitor
+        .lock()
+        .map(|m| m.open_runs.clone())
+        .unwrap_or_default();
+    d.history.recent_with(&open, limit)
 }
 
 /// The facts health is computed from, for database `d` with status `st`.
@@ -125,6 +137,9 @@ async fn run(state: AppState, idx: usize, stop: CancellationToken) {
         }
     }
     let last = rec.finish(now_ms());
+    if let Ok(mut m) = state.inner.dbs[idx].monitor.lock() {
+        m.open_runs.clear();
+    }
     append(&state, idx, last).await;
 }
 
@@ -149,6 +164,9 @@ async fn look(
         }
     }
     let runs = rec.observe(st, now);
+    if let Ok(mut m) = d.monitor.lock() {
+        m.open_runs = rec.open_runs();
+    }
     append(state, idx, runs).await;
 
     // Metrics that need an event, not a value.
