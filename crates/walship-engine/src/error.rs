@@ -96,6 +96,30 @@ pub enum EngineError {
     #[error("restored database failed PRAGMA integrity_check: {0}")]
     IntegrityCheck(String),
 
+    /// Another replicator holds the replica's lease (with `--on-conflict fail`).
+    #[error(
+        "replica {replica} is held by another replicator: {holder} (stop it, wait for its lease \
+         to lapse, or use --on-conflict wait|takeover)"
+    )]
+    LeaseHeld {
+        /// The replica.
+        replica: String,
+        /// Who holds it.
+        holder: String,
+    },
+
+    /// Another replicator took the lease over; this one stopped writing.
+    #[error(
+        "lost the lease of replica {replica} to {holder}; stopped replicating to it (two \
+         replicators are pointed at the same replica)"
+    )]
+    LeaseLost {
+        /// The replica.
+        replica: String,
+        /// Who holds it now.
+        holder: String,
+    },
+
     /// The work was cancelled (shutdown).
     #[error("cancelled")]
     Cancelled,

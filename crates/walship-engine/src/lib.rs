@@ -10,6 +10,11 @@
 //!   verifying every object, and moves it into place only once `PRAGMA integrity_check`
 //!   passed.
 //! - [`Replica`] lists generations, snapshots and segments from keys alone.
+//! - [`lease`]: writer fencing, one replicator per replica prefix (a lease object written
+//!   with `if_none_match`); [`LeaseOptions`] and [`OnConflict`] say how long it lasts and
+//!   what a newcomer does.
+//! - [`retention`]: which snapshots and segments a replica keeps ([`RetentionPolicy`]),
+//!   applied by the replicator after each snapshot upload.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,13 +39,17 @@
 
 pub mod db;
 mod error;
+pub mod lease;
 pub mod replica;
 pub mod replicate;
 pub mod restore;
+pub mod retention;
 mod snapshot;
 mod walfile;
 
 pub use crate::error::{EngineError, EngineResult};
+pub use crate::lease::{LeaseOptions, OnConflict};
 pub use crate::replica::Replica;
 pub use crate::replicate::{ReplicateOptions, ReplicatorHandle, Status};
 pub use crate::restore::{RestoreOptions, RestoreReport};
+pub use crate::retention::RetentionPolicy;

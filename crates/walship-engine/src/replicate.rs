@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use walship_format::key::{self, GenerationId, ObjectKey};
 use walship_format::object::{FLAG_LZ4, Kind, ObjectHeader, WalState};
 use walship_format::wal::{Checksum, FrameChain, WalHeader};
 
 use crate::db::{CheckpointMode, Db};
 use crate::error::{EngineError, EngineResult};
+use crate::lease::{Lease, LeaseOptions};
 use crate::replica::Replica;
+use crate::retention::RetentionPolicy;
 use crate::snapshot::{db_pages_from_file, write_image};
 use crate::walfile::{self, FrameRef, Scan};
 
@@ -43,6 +46,11 @@ pub struct ReplicateOptions {
     pub lock_timeout: Duration,
     /// Switch a database that is not in WAL mode instead of refusing it.
     pub enable_wal: bool,
+    /// Which snapshots to keep; applied after each snapshot upload. Default: keep all.
+    pub retention: RetentionPolicy,
+    /// Writer fencing (docs/format.md, "Lease"); `None` writes without a lease (only safe
+    /// when nothing else can write to the replica). Default: on, 30 s, wait.
+    pub lease: Option<LeaseOptions>,
 }
 
 impl Default for ReplicateOptions {
@@ -54,6 +62,8 @@ impl Default for ReplicateOptions {
             checkpoint_frames: 1000,
             lock_timeout: Duration::from_secs(1),
             enable_wal: false,
+            retention: RetentionPolicy::default(),
+            lease: Some(LeaseOptions::default()),
         }
     }
 }
@@ -122,6 +132,7 @@ pub fn error_kind(e: &EngineError) -> &'static str {
         EngineError::MissingDatabase { .. } | EngineError::NotWalMode { .. } => "missing_database",
         EngineError::Corrupt { .. } => "corrupt",
         EngineError::Encryption { .. } => "encryption",
+        EngineError::LeaseHeld { .. } | EngineError::LeaseLost { .. } => "conflict",
         _ => "other",
     }
 }
@@ -211,18 +222,32 @@ pub fn spawn(
         cancel: cancel.clone(),
         dirty: dirty.clone(),
     };
-    let join = tokio::spawn(async move {
-        let r = Replicator::start(db_path, replica, opts, status_tx, cmd_rx, false, dirty).await;
-        match r {
-            Ok(rep) => rep.run(cancel).await,
-            Err(e) => Err(e),
+    let span = tracing::info_span!(
+        "replicator",
+        db = %db_path.display(),
+        replica = %replica.describe()
+    );
+    let join = tokio::spawn(
+        async move {
+            let r = Replicator::start(
+                db_path, replica, opts, status_tx, cmd_rx, false, dirty, &cancel,
+            )
+            .await;
+            match r {
+                Ok(rep) => rep.run(cancel).await,
+                // Stopped while waiting for the lease: nothing was written, nothing to sync.
+                Err(EngineError::Cancelled) if cancel.is_cancelled() => Ok(()),
+                Err(e) => Err(e),
+            }
         }
-    });
+        .instrument(span),
+    );
     (handle, join)
 }
 
 /// Writes one snapshot of `db_path` into a new generation of `replica` and returns
-/// `(generation, position, bytes)`. Safe while a replicator runs: it only reads.
+/// `(generation, position, bytes)`. Safe while a replicator runs: it only reads the
+/// database, and writes one object into a generation of its own, so it takes no lease.
 pub async fn snapshot_once(
     db_path: &Path,
     replica: Replica,
@@ -232,6 +257,7 @@ pub async fn snapshot_once(
     let (status_tx, status_rx) = watch::channel(Status::default());
     let opts = ReplicateOptions {
         enable_wal,
+        lease: None,
         ..Default::default()
     };
     let rep = Replicator::start(
@@ -242,6 +268,7 @@ pub async fn snapshot_once(
         cmd_rx,
         true,
         Arc::new(AtomicI64::new(0)),
+        &CancellationToken::new(),
     )
     .await?;
     let st = status_rx.borrow().clone();
@@ -314,6 +341,10 @@ struct Replicator {
     cmds: mpsc::Receiver<Command>,
     wake: Arc<Notify>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// The replica's lease, when fencing is on.
+    lease: Option<Lease>,
+    /// Set when the lease was lost (replica, new holder): the replicator stops.
+    lease_lost: Option<(String, String)>,
     last_snapshot: Instant,
     changed_since_snapshot: bool,
     last_handoff: Instant,
@@ -431,6 +462,7 @@ fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
 }
 
 impl Replicator {
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         db_path: PathBuf,
         replica: Replica,
@@ -439,16 +471,26 @@ impl Replicator {
         cmds: mpsc::Receiver<Command>,
         force_new: bool,
         dirty: Arc<AtomicI64>,
+        cancel: &CancellationToken,
     ) -> EngineResult<Replicator> {
         let p = db_path.clone();
         let enable = opts.enable_wal;
         let db = tokio::task::spawn_blocking(move || Db::open(&p, enable)).await??;
         let wal_path = db.wal_path();
         let db = Arc::new(Mutex::new(db));
+        // Only the lease holder looks at where the replica ended and writes to it.
+        let (lease, may_resume) = match &opts.lease {
+            Some(lo) => {
+                let (lease, got) =
+                    Lease::acquire(replica.store().clone(), lo.clone(), cancel).await?;
+                (Some(lease), got.may_resume)
+            }
+            None => (None, true),
+        };
         let wake = Arc::new(Notify::new());
         let watcher = watch_files(&db_path, wake.clone(), dirty.clone());
         let (end, newest) = replica_end(&replica).await?;
-        let end = if force_new { None } else { end };
+        let end = if force_new || !may_resume { None } else { end };
         let tail = Tail {
             generation: GenerationId(0),
             epoch: 0,
@@ -472,6 +514,8 @@ impl Replicator {
             cmds,
             wake,
             _watcher: watcher,
+            lease,
+            lease_lost: None,
             last_snapshot: Instant::now(),
             changed_since_snapshot: false,
             last_handoff: Instant::now(),
@@ -609,6 +653,7 @@ impl Replicator {
     /// Uploads a snapshot of the tail's position. The pin must be held and not handed off
     /// until it finishes (the loop is sequential, so it is).
     async fn write_snapshot(&mut self) -> EngineResult<u64> {
+        self.ensure_lease().await?;
         let t0 = Instant::now();
         let tail = &self.tail;
         let ts = now_ms();
@@ -662,7 +707,57 @@ impl Replicator {
             s.bytes_uploaded += bytes;
             s.position = s.position.max(header.end);
         });
+        self.apply_retention().await;
         Ok(bytes)
+    }
+
+    /// Makes sure this replicator still holds the replica's lease before it writes.
+    async fn ensure_lease(&mut self) -> EngineResult<()> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let r = lease.ensure().await;
+        if let Err(EngineError::LeaseLost { replica, holder }) = &r {
+            self.lease_lost = Some((replica.clone(), holder.clone()));
+        }
+        r
+    }
+
+    /// Deletes what the retention policy no longer keeps (after a snapshot upload only, so
+    /// an idle database costs nothing). Failures are logged; the next snapshot tries again.
+    async fn apply_retention(&mut self) {
+        if self.opts.retention.keeps_everything() {
+            return;
+        }
+        if let Err(e) = self.ensure_lease().await {
+            tracing::warn!(db = %self.span_db(), error = %e, "retention skipped");
+            return;
+        }
+        let t0 = Instant::now();
+        let r = crate::retention::apply(
+            &self.replica,
+            Some(self.tail.generation),
+            now_ms(),
+            &self.opts.retention,
+        )
+        .await;
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        match r {
+            Ok(a) if a.deleted > 0 => tracing::info!(
+                db = %self.span_db(),
+                deleted = a.deleted,
+                kept_snapshots = a.kept_snapshots,
+                generations_deleted = a.generations_deleted,
+                elapsed_ms,
+                "retention"
+            ),
+            Ok(a) => {
+                tracing::debug!(db = %self.span_db(), kept_snapshots = a.kept_snapshots, "retention: nothing to delete")
+            }
+            Err(e) => {
+                tracing::warn!(db = %self.span_db(), error = %e, "retention failed; will try again after the next snapshot")
+            }
+        }
     }
 
     /// Looks at the WAL (blocking): new frames, a restart, or a break.
@@ -765,6 +860,7 @@ impl Replicator {
     }
 
     async fn ship(&mut self, scan: Scan) -> EngineResult<()> {
+        self.ensure_lease().await?;
         let t0 = Instant::now();
         let Some(hdr) = self.tail.hdr else {
             return Err(EngineError::Task("frames without a WAL header".into()));
@@ -948,6 +1044,11 @@ impl Replicator {
                 }
                 None => {}
             }
+            if let Some((replica, holder)) = self.lease_lost.take() {
+                // Another replicator writes here now: stop without a final sync.
+                tracing::error!(db = %self.span_db(), %replica, %holder, "lease lost; stopping");
+                return Err(EngineError::LeaseLost { replica, holder });
+            }
         }
         // Final sync: everything committed before the stop is shipped.
         let t0 = Instant::now();
@@ -957,6 +1058,13 @@ impl Replicator {
                 tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = self.tail.position, elapsed_ms = t0.elapsed().as_millis() as u64, "final sync done")
             }
             Err(e) => tracing::error!(db = %self.span_db(), error = %e, "final sync failed"),
+        }
+        // Let a successor continue at once.
+        if self.lease_lost.is_none()
+            && let Some(lease) = self.lease.as_mut()
+            && let Err(e) = lease.release().await
+        {
+            tracing::warn!(db = %self.span_db(), error = %e, "could not release the lease (a successor waits for it to lapse)");
         }
         r.map(|_| ())
     }

@@ -1,5 +1,5 @@
-//! Restore: the newest snapshot of the newest usable generation (at or before a target
-//! time), then every segment that continues it, verified and applied in order, into a
+//! Restore: the newest snapshot of the usable generation with the newest object (at or
+//! before a target time), then every segment that continues it, verified and applied in order, into a
 //! temporary file that is checked and renamed into place only at the end.
 
 use std::fs::{File, OpenOptions};
@@ -80,8 +80,7 @@ pub async fn restore(
     }
     let target = opts.target_ms.unwrap_or(i64::MAX);
     let mut skipped: Vec<(String, String)> = Vec::new();
-    for generation in replica.generations().await? {
-        let objs = replica.objects(generation).await?;
+    for (generation, objs) in by_recency(replica, target).await? {
         for f in &objs.foreign {
             tracing::debug!(key = %f, "ignoring an object that is not walship's");
         }
@@ -143,6 +142,32 @@ pub async fn restore(
         replica: replica.describe(),
         target: opts.target_ms,
     })
+}
+
+/// The generations with an object at or before `target`, the one with the newest such object
+/// first (ties: the higher generation id). Not simply the newest generation id: a one-shot
+/// `walship snapshot` starts a generation of its own while a running replicator goes on
+/// writing newer data into its generation.
+async fn by_recency(
+    replica: &Replica,
+    target: i64,
+) -> EngineResult<Vec<(GenerationId, crate::replica::GenerationObjects)>> {
+    let mut gens = Vec::new();
+    for generation in replica.generations().await? {
+        let objs = replica.objects(generation).await?;
+        let newest = objs
+            .snapshots
+            .iter()
+            .chain(&objs.segments)
+            .map(|l| l.key.timestamp_ms())
+            .filter(|t| *t <= target)
+            .max();
+        if let Some(t) = newest {
+            gens.push((t, generation, objs));
+        }
+    }
+    gens.sort_by_key(|g| std::cmp::Reverse((g.0, g.1)));
+    Ok(gens.into_iter().map(|(_, g, o)| (g, o)).collect())
 }
 
 /// A temporary output that removes itself unless kept.
