@@ -116,11 +116,6 @@ impl Inventory {
     pub fn last(&self) -> Option<(Arc<Listing>, u64)> {
         self.last.lock().ok().and_then(|l| l.clone())
     }
-
-    /// True when a listing exists.
-    pub fn has_listing(&self) -> bool {
-        self.last().is_some()
-    }
 }
 
 async fn list(replica: &Replica) -> walship_engine::EngineResult<Listing> {

@@ -144,6 +144,9 @@ pub struct Options {
     pub history_max_bytes: u64,
     /// Delays between webhook attempts (its length + 1 = attempts).
     pub webhook_backoff: Vec<Duration>,
+    /// The replica is listed again this long after a snapshot (once its retention pass is
+    /// done), and otherwise never while the replicator runs.
+    pub relist_after_snapshot: Duration,
 }
 
 impl std::fmt::Debug for Options {
@@ -167,6 +170,7 @@ impl Default for Options {
             alert_after_failures: 3,
             history_max_bytes: history::DEFAULT_MAX_BYTES,
             webhook_backoff: alerts::DEFAULT_BACKOFF.to_vec(),
+            relist_after_snapshot: Duration::from_secs(10),
         }
     }
 }

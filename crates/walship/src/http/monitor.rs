@@ -14,8 +14,8 @@ use super::{AppState, DbState, now_ms, rfc3339};
 
 /// How often health is evaluated without a status change.
 const TICK: Duration = Duration::from_secs(1);
-/// Shortest time between two listings of the replica while it changes.
-pub const LIST_EVERY: Duration = Duration::from_secs(60);
+/// Time between attempts to take the first listing while they fail.
+const LIST_RETRY: Duration = Duration::from_secs(60);
 
 /// What the monitor keeps between looks (shared with the API).
 #[derive(Debug, Default)]
@@ -33,6 +33,10 @@ pub struct MonitorState {
     pub pending_trigger: Option<(String, i64)>,
     /// Runs still going on (not in the history file yet).
     pub open_runs: Vec<Run>,
+    /// The replicator's snapshot count at the last listing.
+    pub listed_snapshots: Option<u64>,
+    /// When a listing was last attempted.
+    pub last_list_attempt_ms: Option<i64>,
 }
 
 /// The running monitors.
@@ -195,10 +199,10 @@ async fn look(
         }
     }
 
-    // The listing: once at the start, then at most every LIST_EVERY while uploading.
-    let stale = !d.inventory.has_listing() || st.objects_uploaded != prev.objects_uploaded;
-    if stale || needs_listing(d, st) {
-        refresh_listing(d, st).await;
+    // The listing: once at the start (retried every LIST_RETRY while it fails), then again
+    // only after a snapshot (retention may have deleted objects): never while idle.
+    if wants_listing(d, st, now, state.inner.opts.relist_after_snapshot) {
+        refresh_listing(d, st, now).await;
     }
 
     // Health and alerts.
@@ -207,34 +211,39 @@ async fn look(
     alerts(state, d, st, &h, now);
 }
 
-/// True when uploads happened since the last listing and it is old enough.
-fn needs_listing(d: &DbState, st: &Status) -> bool {
-    match d.inventory.last() {
-        None => true,
-        Some((l, _)) => {
-            let age = now_ms() - l.listed_at_ms;
-            st.last_upload_ms.is_some_and(|u| u > l.listed_at_ms)
-                && age >= LIST_EVERY.as_millis() as i64
+/// True when the listing should be taken again now.
+fn wants_listing(d: &DbState, st: &Status, now: i64, after_snapshot: Duration) -> bool {
+    let after = after_snapshot.as_millis() as i64;
+    let Ok(m) = d.monitor.lock() else {
+        return false;
+    };
+    let since_attempt = m.last_list_attempt_ms.map_or(i64::MAX, |t| now - t);
+    match m.listed_snapshots {
+        None => since_attempt >= LIST_RETRY.as_millis() as i64,
+        Some(n) => {
+            n != st.snapshots
+                && st.last_snapshot_ms.is_some_and(|t| now - t >= after)
+                && since_attempt >= after
         }
     }
 }
 
-async fn refresh_listing(d: &DbState, st: &Status) {
-    let first = !d.inventory.has_listing();
-    if !first && !needs_listing(d, st) {
-        return;
+async fn refresh_listing(d: &DbState, st: &Status, now: i64) {
+    if let Ok(mut m) = d.monitor.lock() {
+        m.last_list_attempt_ms = Some(now);
     }
     let r = tokio::time::timeout(
         Duration::from_secs(30),
-        d.inventory.get(&d.db.replica, st, LIST_EVERY),
+        d.inventory.get(&d.db.replica, st, Duration::ZERO),
     )
     .await;
     match r {
         Ok(Ok(listing)) => {
-            if let Ok(mut m) = d.monitor.lock()
-                && !m.seen_uploads
-            {
-                m.replay_since_ms = listing.replay_since_ms;
+            if let Ok(mut m) = d.monitor.lock() {
+                m.listed_snapshots = Some(st.snapshots);
+                if !m.seen_uploads {
+                    m.replay_since_ms = listing.replay_since_ms;
+                }
             }
         }
         Ok(Err(e)) => tracing::debug!(db = %d.db.name, error = %e, "cannot list the replica"),
@@ -335,5 +344,93 @@ async fn append(state: &AppState, idx: usize, runs: Vec<Run>) {
             tracing::warn!(db = %name, error = %format!("{e:#}"), "cannot record the run history")
         }
         Err(e) => tracing::warn!(db = %name, error = %e, "cannot record the run history"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use walship_engine::{Replica, ReplicateOptions};
+    use walship_storage::{FaultPlan, FaultStore, LocalStore, ObjectStore};
+
+    use super::*;
+    use crate::http::{Database, Options, api, metrics};
+
+    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn write_rows(db: &std::path::Path, n: usize) {
+        let c = ok(rusqlite::Connection::open(db));
+        ok(c.pragma_update(None, "journal_mode", "wal"));
+        ok(c.execute_batch("CREATE TABLE IF NOT EXISTS t(v BLOB)"));
+        for _ in 0..n {
+            ok(c.execute("INSERT INTO t(v) VALUES (randomblob(200))", []));
+        }
+    }
+
+    /// However often health, metrics, status and runs are asked for, an idle database
+    /// costs no request to the store; the listing is refreshed only after a snapshot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn polling_an_idle_database_costs_no_request() {
+        let dir = ok(tempfile::tempdir());
+        let db = dir.path().join("app.db");
+        write_rows(&db, 50);
+        let plan = FaultPlan::new();
+        let local: Arc<dyn ObjectStore> = Arc::new(ok(LocalStore::new(dir.path().join("r"))));
+        let replica = Replica::new(Arc::new(FaultStore::new(local, plan.clone())));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let opts = ReplicateOptions {
+            sync_interval: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let (handle, task) =
+            walship_engine::replicate::spawn(db.clone(), replica.clone(), opts, cancel.clone());
+        ok(handle.sync().await);
+        let state = ok(crate::http::AppState::new(
+            vec![
+                Database::new("app", &db, "file:///r", handle.clone(), replica)
+                    .with_state_dir(dir.path().join("state")),
+            ],
+            Options {
+                relist_after_snapshot: Duration::from_millis(200),
+                ..Options::default()
+            },
+        ));
+        let monitors = spawn(&state);
+        write_rows(&db, 20);
+        ok(handle.sync().await);
+        let snap = ok(handle.snapshot().await);
+        assert!(snap > 0);
+        // The listing after the snapshot, then quiet.
+        let d = &state.inner.dbs[0];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while d.monitor.lock().ok().and_then(|m| m.listed_snapshots) != Some(2) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no listing after the snapshot"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        plan.reset_counts();
+        for _ in 0..40 {
+            let (level, _) = api::health_json(&state);
+            assert_eq!(level, Level::Healthy);
+            assert!(metrics::render(&state).contains("walship_backups{db=\"app\"} 2"));
+            let _ = api::status_doc(&state);
+            let _ = runs_of(d, 100);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(plan.counts().total(), 0, "{:?}", plan.counts());
+        monitors.stop().await;
+        cancel.cancel();
+        ok(ok(task.await));
+        let runs = d.history.recent_with(&[], 10);
+        assert!(
+            runs.iter()
+                .any(|r| r.kind == crate::http::history::RunKind::Sync),
+            "{runs:?}"
+        );
     }
 }
