@@ -421,7 +421,15 @@ fn admin_api_with_token_downloads_and_history() {
 
 #[test]
 fn endpoints_that_need_a_token_are_off_without_one() {
-    let mut s = start(&["--no-token"]);
+    // An unwritable state directory costs the durable history, not replication.
+    let mut s = start(&["--no-token", "--state-dir", "/dev/null/walship-state"]);
+    let h = s.json("/api/v1/databases/app/history");
+    assert!(h["file"].is_null(), "{h:#}");
+    assert!(
+        std::fs::read_to_string(&s.log)
+            .unwrap()
+            .contains("run history kept in memory only")
+    );
     let c = client();
     let r = c
         .post(format!("{}/api/v1/databases/app/snapshot", s.base))

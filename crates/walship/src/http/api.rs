@@ -244,7 +244,7 @@ async fn history(
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     Ok(axum::Json(json!({
         "db": d.db.name,
-        "file": d.history.path().display().to_string(),
+        "file": d.history.path().map(|p| p.display().to_string()),
         "runs": super::monitor::runs_of(d, limit),
     }))
     .into_response())

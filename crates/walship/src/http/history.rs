@@ -117,7 +117,8 @@ impl Run {
 /// A database's history file, and its recent runs in memory.
 #[derive(Debug)]
 pub struct History {
-    path: PathBuf,
+    /// `None`: kept in memory only (the state directory could not be written).
+    path: Option<PathBuf>,
     max_bytes: u64,
     recent: Mutex<Vec<Run>>,
 }
@@ -138,15 +139,24 @@ impl History {
             recent.drain(..recent.len() - MEMORY_RUNS);
         }
         Ok(History {
-            path,
+            path: Some(path),
             max_bytes: max_bytes.max(4096),
             recent: Mutex::new(recent),
         })
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// A history kept in memory only.
+    pub fn in_memory() -> History {
+        History {
+            path: None,
+            max_bytes: DEFAULT_MAX_BYTES,
+            recent: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The file, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Appends runs durably (write, fsync) and to the in-memory list.
@@ -168,27 +178,30 @@ impl History {
             let n = recent.len() - MEMORY_RUNS;
             recent.drain(..n);
         }
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         let mut buf = Vec::new();
         for r in runs {
             serde_json::to_writer(&mut buf, r)?;
             buf.push(b'\n');
         }
-        let len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let len = std::fs::metadata(path).map_or(0, |m| m.len());
         if len > 0 && len + buf.len() as u64 > self.max_bytes {
-            std::fs::rename(&self.path, rotated(&self.path))
-                .with_context(|| format!("cannot rotate {}", self.path.display()))?;
-        } else if len > 0 && last_byte(&self.path) != Some(b'\n') {
+            std::fs::rename(path, rotated(path))
+                .with_context(|| format!("cannot rotate {}", path.display()))?;
+        } else if len > 0 && last_byte(path) != Some(b'\n') {
             // A line torn by a crash: end it, so the new lines stay whole.
             buf.insert(0, b'\n');
         }
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)
-            .with_context(|| format!("cannot open {}", self.path.display()))?;
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
         f.write_all(&buf)
             .and_then(|()| f.sync_data())
-            .with_context(|| format!("cannot write {}", self.path.display()))?;
+            .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }
 
@@ -571,27 +584,29 @@ mod tests {
         // A torn line is skipped.
         let mut f = OpenOptions::new()
             .append(true)
-            .open(h.path())
+            .open(h.path().unwrap())
             .unwrap_or_else(|e| panic!("{e}"));
         f.write_all(b"{\"id\":\"sync-1")
             .unwrap_or_else(|e| panic!("{e}"));
         drop(f);
-        let runs = read_runs(&[h.path().to_path_buf()]);
+        let runs = read_runs(&[h.path().unwrap().to_path_buf()]);
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].result, RunResult::Failed);
         // ... and the next line stays whole.
         h.append(&[Run::new("app", RunKind::Snapshot, T0 - 1)])
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(read_runs(&[h.path().to_path_buf()]).len(), 2);
+        assert_eq!(read_runs(&[h.path().unwrap().to_path_buf()]).len(), 2);
         // Enough runs to rotate: the file stays bounded and nothing recent is lost.
         for i in 1..60 {
             h.append(&[Run::new("app", RunKind::Snapshot, T0 + i)])
                 .unwrap_or_else(|e| panic!("{e}"));
         }
-        let len = std::fs::metadata(h.path()).map(|m| m.len()).unwrap_or(0);
+        let len = std::fs::metadata(h.path().unwrap())
+            .map(|m| m.len())
+            .unwrap_or(0);
         assert!(len <= 4096, "{len}");
-        assert!(rotated(h.path()).exists());
-        let all = read_runs(&[rotated(h.path()), h.path().to_path_buf()]);
+        assert!(rotated(h.path().unwrap()).exists());
+        let all = read_runs(&[rotated(h.path().unwrap()), h.path().unwrap().to_path_buf()]);
         assert_eq!(all.last().map(|r| r.start_ms), Some(T0 + 59));
         let reopened = History::open(dir.path(), 4096).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reopened.recent_with(&[], 1)[0].start_ms, T0 + 59);

@@ -223,13 +223,14 @@ impl AppState {
                 "two databases are named `{}`",
                 db.name
             );
-            let history =
-                History::open(&db.state_dir, opts.history_max_bytes).with_context(|| {
-                    format!(
-                        "cannot open the run history in {} (pass --state-dir)",
-                        db.state_dir.display()
-                    )
-                })?;
+            // The history is worth having, not worth refusing to replicate for.
+            let history = match History::open(&db.state_dir, opts.history_max_bytes) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(db = %db.name, error = %format!("{e:#}"), "run history kept in memory only (pass --state-dir to a writable directory)");
+                    History::in_memory()
+                }
+            };
             states.push(DbState {
                 db,
                 history,
