@@ -96,6 +96,19 @@ pub enum EngineError {
     #[error("restored database failed PRAGMA integrity_check: {0}")]
     IntegrityCheck(String),
 
+    /// A table asked for (single-table restore) is not in the database.
+    #[error("no table `{name}` in the restored database (tables: {})", if .available.is_empty() { "none".to_string() } else { .available.join(", ") })]
+    UnknownTable {
+        /// The name asked for.
+        name: String,
+        /// The tables that exist.
+        available: Vec<String>,
+    },
+
+    /// Something walship does not do (the message says what to do instead).
+    #[error("{0}")]
+    Unsupported(String),
+
     /// Another replicator holds the replica's lease (with `--on-conflict fail`).
     #[error(
         "replica {replica} is held by another replicator: {holder} (stop it, wait for its lease \

@@ -15,6 +15,8 @@
 //!   what a newcomer does.
 //! - [`retention`]: which snapshots and segments a replica keeps ([`RetentionPolicy`]),
 //!   applied by the replicator after each snapshot upload.
+//! - [`inspect`]: reading databases for the tools: SQL dumps, row counts, schemas and
+//!   their differences, copies of single tables, one snapshot decoded into a file.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,6 +41,7 @@
 
 pub mod db;
 mod error;
+pub mod inspect;
 pub mod lease;
 pub mod replica;
 pub mod replicate;
