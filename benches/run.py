@@ -82,7 +82,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", load_seconds=8, load_rounds=3, lag_seconds=12, lag_rounds=2,
+    "full": Profile("full", load_seconds=6, load_rounds=3, lag_seconds=10, lag_rounds=2,
                     lag_rates=[50, 0], sizes=[100 * MB, 1024 * MIB], restore_reps=2,
                     segment_seconds=20, segment_rate=100, baseline_window=4,
                     idle_seconds=600, idle_burst_mb=50, idle_settle=5, template_rows=20_000),
@@ -359,13 +359,40 @@ def ensure_venv() -> None:
     os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
-def build_release() -> Path:
-    log("cargo build --release -p walship")
-    subprocess.check_call(["cargo", "build", "--release", "-p", "walship"], cwd=ROOT)
-    return ROOT / "target" / "release" / "walship"
+def build_release(rev: str | None) -> Path:
+    """`cargo build --release -p walship` of the work tree, or of a git revision (exported
+    with git archive into target/bench-src/, sharing target/ for the dependencies)."""
+    if rev is None:
+        log("cargo build --release -p walship")
+        r = subprocess.run(["cargo", "build", "--release", "-p", "walship"], cwd=ROOT)
+        if r.returncode != 0:
+            raise SystemExit("the release build failed; benchmark a committed revision with "
+                             "--rev HEAD, or an existing binary with --bin PATH")
+        return ROOT / "target" / "release" / "walship"
+    sha = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+                                  text=True).strip()
+    src = ROOT / "target" / "bench-src" / sha
+    if not src.exists():
+        tmp = src.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", sha],
+                                   stdout=subprocess.PIPE)
+        subprocess.check_call(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout)
+        if archive.wait() != 0:
+            raise SystemExit(f"git archive {sha} failed")
+        tmp.rename(src)
+    # The shared target/ keeps the dependencies compiled once; the binary is copied out
+    # because the next build of the work tree replaces target/release/walship.
+    log(f"cargo build --release -p walship at {sha}")
+    subprocess.check_call(["cargo", "build", "--release", "-p", "walship", "--locked"],
+                          cwd=src, env=dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target")))
+    exe = ROOT / "target" / "bench-src" / f"walship-{sha}"
+    shutil.copy2(ROOT / "target" / "release" / "walship", exe)
+    return exe
 
 
-def machine_info(walship_bin: Path, litestream_bin: str | None) -> dict:
+def machine_info(walship_bin: Path, litestream_bin: str | None, rev: str | None) -> dict:
     cpu = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -382,8 +409,12 @@ def machine_info(walship_bin: Path, litestream_bin: str | None) -> dict:
         except (OSError, subprocess.TimeoutExpired):
             return "?"
 
-    rev = out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = out(["git", "-C", str(ROOT), "status", "--porcelain", "--", "crates"])
+    dirty = ""
+    if rev is None:
+        rev = out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+        dirty = out(["git", "-C", str(ROOT), "status", "--porcelain", "--", "crates"])
+    else:
+        rev = out(["git", "-C", str(ROOT), "rev-parse", "--short", rev])
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
@@ -1078,7 +1109,7 @@ class Harness:
         database's directory) and walship, with the app's autocheckpoint on and off."""
         p = self.p
         configs = ["none", "pin", "watch", "walship/file"]
-        for rnd in range(p.load_rounds):
+        for rnd in range(min(2, p.load_rounds)):
             for ac in (1000, 0):
                 for name in rotate(configs, rnd):
                     tag = self.tag("diag", ac, name.replace("/", "-"), rnd)
@@ -1413,6 +1444,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny and fast, no Litestream, no venv/build: the harness's own test")
     ap.add_argument("--bin", type=Path, help="walship binary (default: build release)")
+    ap.add_argument("--rev", help="build walship from this git revision (e.g. HEAD) instead of "
+                    "the work tree")
     ap.add_argument("--no-litestream", action="store_true")
     ap.add_argument("--sections", help="comma-separated subset of load,diag,lag,big,idle "
                     "(default all; --smoke: all but diag)")
@@ -1440,7 +1473,7 @@ def main() -> int:
                   file=sys.stderr)
             return 2
     else:
-        walship_bin = build_release()
+        walship_bin = build_release(args.rev)
     moto_exe = find_moto()
     if moto_exe is None:
         if not args.smoke:
@@ -1457,7 +1490,7 @@ def main() -> int:
     work = (args.work or ROOT / "target" / "bench-work" / f"{stamp}-{profile}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     log(f"profile {profile}; walship {walship_bin}; litestream {litestream_bin}; work {work}")
-    info = machine_info(walship_bin, litestream_bin)
+    info = machine_info(walship_bin, litestream_bin, None if args.bin else args.rev)
     walship = Walship(walship_bin)
     litestream = Litestream(litestream_bin, work) if litestream_bin else None
     h = Harness(args, prof, walship, litestream, work, moto_exe)
