@@ -327,3 +327,24 @@ fn restore_on_s3_round_trips() {
     assert_eq!(count(&out), n);
     assert_eq!(count(&db), n);
 }
+
+#[test]
+fn an_empty_s3_prefix_restores_nothing_and_says_so() {
+    let moto = MotoServer::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let url = moto
+        .url(moto.bucket(), &MotoServer::unique_prefix("empty"))
+        .to_string();
+    let out = dir.path().join("out.db");
+    let o = restore(&url, &out, &[]);
+    assert!(!o.status.success());
+    assert!(
+        error_line(&o).contains("no restorable backup"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(!out.exists());
+    let o = restore(&url, &out, &["--if-replica-exists"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(!out.exists());
+}
