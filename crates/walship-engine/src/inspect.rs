@@ -665,6 +665,15 @@ pub fn check_and_summarize(path: &Path) -> EngineResult<Summary> {
     r
 }
 
+/// The summary of a database walship made (a restored file), without checking it again.
+pub fn summarize(path: &Path) -> EngineResult<Summary> {
+    let conn = open_own(path)?;
+    conn.execute_batch("BEGIN").map_err(sq("begin"))?;
+    let r = summarize_conn(&conn);
+    let _ = conn.execute_batch("COMMIT");
+    r
+}
+
 /// A connection to a live database that never writes to it.
 #[derive(Debug)]
 pub struct LiveDb {
@@ -745,7 +754,11 @@ pub fn copy_tables(src: &Path, dest: &Path, names: &[String]) -> EngineResult<Ve
         let Some(found) = tables.iter().find(|t| t.eq_ignore_ascii_case(want)) else {
             return Err(EngineError::UnknownTable {
                 name: want.clone(),
-                available: tables.iter().map(|t| t.to_string()).collect(),
+                available: {
+                    let mut v: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+                    v.sort();
+                    v
+                },
             });
         };
         if !chosen.iter().any(|c| c == found) {
@@ -780,6 +793,10 @@ pub fn copy_tables(src: &Path, dest: &Path, names: &[String]) -> EngineResult<Ve
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(dest, flags)
         .map_err(sq(format!("create {}", dest.display())))?;
+    // Tables are copied in any order: a reference to one not copied yet (or not at all) is
+    // not an error here, as in the source when it was written.
+    conn.pragma_update(None, "foreign_keys", false)
+        .map_err(sq("set foreign_keys"))?;
     conn.pragma_update(None, "page_size", page_size)
         .map_err(sq("set page_size"))?;
     conn.pragma_update(None, "encoding", &encoding)
