@@ -124,10 +124,11 @@ pub struct History {
 }
 
 impl History {
-    /// Opens (creating the directory) `dir/history.jsonl` and loads its recent runs.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<History> {
+    /// Opens (creating the directory) `dir/<file>` and loads the recent runs of `db` from
+    /// it.
+    pub fn open(dir: &Path, file: &str, db: &str, max_bytes: u64) -> Result<History> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = dir.join("history.jsonl");
+        let path = dir.join(file);
         // Fail now, not at the first run, if the file cannot be written.
         OpenOptions::new()
             .create(true)
@@ -135,6 +136,7 @@ impl History {
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         let mut recent = read_runs(&[rotated(&path), path.clone()]);
+        recent.retain(|r| r.db == db);
         if recent.len() > MEMORY_RUNS {
             recent.drain(..recent.len() - MEMORY_RUNS);
         }
@@ -227,6 +229,35 @@ fn last_byte(path: &Path) -> Option<u8> {
     let mut b = [0u8; 1];
     f.read_exact(&mut b).ok()?;
     Some(b[0])
+}
+
+/// The history file of database `name` whose file is `db`: `history.jsonl`, or
+/// `history-<name>.jsonl` when the name is not the file's own (a second replica of one
+/// database under another name, so two replicators never share a file).
+pub fn file_name(name: &str, db: &Path) -> String {
+    if name == super::default_name(db) {
+        "history.jsonl".to_string()
+    } else {
+        format!("history-{name}.jsonl")
+    }
+}
+
+/// The history files in `dir` (each with its rotated predecessor first).
+fn history_files(dir: &Path) -> Vec<PathBuf> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("history") && n.ends_with(".jsonl"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.into_iter().flat_map(|p| [rotated(&p), p]).collect()
 }
 
 fn rotated(path: &Path) -> PathBuf {
@@ -453,15 +484,16 @@ pub fn command(a: &HistoryArgs) -> Result<ExitCode> {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_state_dir(&a.db));
-    let path = dir.join("history.jsonl");
-    if !path.exists() {
+    let files = history_files(&dir);
+    if files.is_empty() {
         anyhow::bail!(
-            "no run history at {} (it is written by `walship replicate {}`; pass --state-dir if replicate had one)",
-            path.display(),
+            "no run history in {} (it is written by `walship replicate {}`; pass --state-dir if replicate had one)",
+            dir.display(),
             a.db.display()
         );
     }
-    let mut runs = read_runs(&[rotated(&path), path]);
+    let mut runs = read_runs(&files);
+    runs.sort_by_key(|r| r.start_ms);
     runs.reverse();
     runs.truncate(a.limit);
     let mut out = std::io::stdout().lock();
@@ -472,10 +504,26 @@ pub fn command(a: &HistoryArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // A DB column only when the directory holds several databases' runs.
+    let several = runs.iter().any(|r| r.db != runs[0].db);
+    let width = runs.iter().map(|r| r.db.len()).max().unwrap_or(2).max(2);
+    let db_col = |name: &str| {
+        if several {
+            format!("{name:<width$}  ")
+        } else {
+            String::new()
+        }
+    };
     writeln!(
         out,
-        "{:<24}  {:>8}  {:<8}  {:<7}  {:>12}  {:>7}  ERROR",
-        "START", "SECONDS", "KIND", "RESULT", "BYTES", "OBJECTS"
+        "{}{:<24}  {:>8}  {:<8}  {:<7}  {:>12}  {:>7}  ERROR",
+        db_col("DB"),
+        "START",
+        "SECONDS",
+        "KIND",
+        "RESULT",
+        "BYTES",
+        "OBJECTS"
     )?;
     for r in &runs {
         let kind = if r.id.starts_with("failure-") {
@@ -497,7 +545,8 @@ pub fn command(a: &HistoryArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| "-".into());
         writeln!(
             out,
-            "{:<24}  {:>8}  {:<8}  {:<7}  {:>12}  {:>7}  {}",
+            "{}{:<24}  {:>8}  {:<8}  {:<7}  {:>12}  {:>7}  {}",
+            db_col(&r.db),
             r.start,
             secs,
             kind,
@@ -570,9 +619,31 @@ mod tests {
     }
 
     #[test]
+    fn two_replicas_of_one_database_keep_two_files() {
+        let db = Path::new("/data/app.db");
+        assert_eq!(file_name("app", db), "history.jsonl");
+        assert_eq!(file_name("app-r2", db), "history-app-r2.jsonl");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let a = History::open(dir.path(), "history.jsonl", "app", 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = History::open(dir.path(), "history-app-r2.jsonl", "app-r2", 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
+        a.append(&[Run::new("app", RunKind::Snapshot, T0)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        b.append(&[Run::new("app-r2", RunKind::Snapshot, T0 + 1)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let all = read_runs(&history_files(dir.path()));
+        assert_eq!(all.len(), 2);
+        let again = History::open(dir.path(), "history.jsonl", "app", 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.recent_with(&[], 10).len(), 1);
+    }
+
+    #[test]
     fn file_folds_by_id_rotates_and_survives_a_torn_line() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let h = History::open(dir.path(), 4096).unwrap_or_else(|e| panic!("{e}"));
+        let h = History::open(dir.path(), "history.jsonl", "app", 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut r = Run::new("app", RunKind::Sync, T0);
         r.result = RunResult::Failing;
         h.append(std::slice::from_ref(&r))
@@ -608,7 +679,8 @@ mod tests {
         assert!(rotated(h.path().unwrap()).exists());
         let all = read_runs(&[rotated(h.path().unwrap()), h.path().unwrap().to_path_buf()]);
         assert_eq!(all.last().map(|r| r.start_ms), Some(T0 + 59));
-        let reopened = History::open(dir.path(), 4096).unwrap_or_else(|e| panic!("{e}"));
+        let reopened = History::open(dir.path(), "history.jsonl", "app", 4096)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reopened.recent_with(&[], 1)[0].start_ms, T0 + 59);
     }
 }

@@ -224,7 +224,13 @@ impl AppState {
                 db.name
             );
             // The history is worth having, not worth refusing to replicate for.
-            let history = match History::open(&db.state_dir, opts.history_max_bytes) {
+            let file = history::file_name(&db.name, &db.path);
+            let history = match History::open(
+                &db.state_dir,
+                &file,
+                &db.name,
+                opts.history_max_bytes,
+            ) {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(db = %db.name, error = %format!("{e:#}"), "run history kept in memory only (pass --state-dir to a writable directory)");
