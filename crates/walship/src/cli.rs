@@ -39,6 +39,14 @@ pub enum Command {
     /// Decrypt and decode one object file into its plain body (a snapshot becomes a SQLite
     /// database file; a segment, its WAL frames).
     Decrypt(DecryptArgs),
+    /// Write a logical SQL dump (schema and rows, like sqlite3's .dump) of a live database
+    /// or of any restorable point of a replica.
+    Dump(crate::tools::dump::DumpArgs),
+    /// Restore the newest point of a replica into a temporary file, check it, count its
+    /// rows, and optionally compare with the live database.
+    Verify(crate::tools::verify::VerifyArgs),
+    /// List schema changes between the snapshots of a replica.
+    SchemaDiff(crate::tools::schema::SchemaDiffArgs),
 }
 
 /// `walship decrypt`.
@@ -175,6 +183,8 @@ pub struct ReplicateArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub http: Box<crate::http::HttpArgs>,
+    #[command(flatten)]
+    pub tools: crate::tools::daemon::DaemonArgs,
 }
 
 /// `walship restore`.
@@ -183,6 +193,10 @@ pub struct RestoreArgs {
     /// Where to write the database.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
+    /// Write a new database holding only this table (its statement, rows, indexes and
+    /// triggers); repeatable.
+    #[arg(long = "table", value_name = "NAME")]
+    pub table: Vec<String>,
     /// Restore the state as of this time (RFC 3339), not the newest.
     #[arg(long)]
     pub timestamp: Option<String>,

@@ -6,6 +6,7 @@
 mod cli;
 mod duration;
 mod http;
+mod tools;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -43,6 +44,9 @@ fn main() -> ExitCode {
             Command::Generations(a) => generations(a).await,
             Command::History(a) => http::history::command(&a),
             Command::Decrypt(a) => decrypt(a),
+            Command::Dump(a) => tools::dump::command(a).await,
+            Command::Verify(a) => tools::verify::command(a).await,
+            Command::SchemaDiff(a) => tools::schema::command(a).await,
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -204,6 +208,8 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
         _ = int.recv() => return stop_during_startup(cancel, task, a.shutdown_timeout.0).await,
     }
     tracing::info!(db = %db.display(), "replicating");
+    // Scheduled verification and the schema watch (tools::daemon), beside the replicator.
+    let tool_tasks = tools::daemon::start(&a.tools, monitoring.state());
 
     let mut child = match &a.exec {
         Some(cmd) => Some(spawn_child(cmd)?),
@@ -250,6 +256,7 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
         }
     }
     cancel.cancel();
+    tool_tasks.stop().await;
     let deadline = a.shutdown_timeout.0;
     let final_sync = tokio::time::timeout(deadline, &mut task);
     let outcome = tokio::select! {
@@ -326,6 +333,9 @@ async fn restore(a: RestoreArgs) -> Result<ExitCode> {
     if a.if_db_not_exists && output.exists() {
         eprintln!("{} already exists; nothing to restore", output.display());
         return Ok(ExitCode::SUCCESS);
+    }
+    if !a.table.is_empty() {
+        return tools::table::command(a).await;
     }
     let replica = open_replica(&a.replica_url, &a.store).await?;
     let target_ms = match &a.timestamp {

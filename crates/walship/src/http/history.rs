@@ -39,6 +39,10 @@ pub enum RunKind {
     Snapshot,
     /// WAL segments.
     Sync,
+    /// A scheduled verification (`replicate --verify-interval`): restore, check, compare.
+    Verify,
+    /// A schema change seen when a snapshot finished.
+    Schema,
 }
 
 /// How a run ended.
@@ -79,13 +83,19 @@ pub struct Run {
     pub generation: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<u64>,
+    /// What a verify or schema run found (its report; the schema changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 impl Run {
-    fn new(db: &str, kind: RunKind, start_ms: i64) -> Run {
+    /// A run of `kind` starting at `start_ms`, not ended yet.
+    pub fn new(db: &str, kind: RunKind, start_ms: i64) -> Run {
         let k = match kind {
             RunKind::Snapshot => "snapshot",
             RunKind::Sync => "sync",
+            RunKind::Verify => "verify",
+            RunKind::Schema => "schema",
         };
         Run {
             id: format!("{k}-{start_ms}"),
@@ -104,10 +114,12 @@ impl Run {
             trigger: None,
             generation: None,
             position: None,
+            detail: None,
         }
     }
 
-    fn ended(mut self, end_ms: i64) -> Run {
+    /// The run, ended at `end_ms`.
+    pub fn ended(mut self, end_ms: i64) -> Run {
         self.end = Some(rfc3339(end_ms));
         self.end_ms = Some(end_ms);
         self
@@ -532,6 +544,8 @@ pub fn command(a: &HistoryArgs) -> Result<ExitCode> {
             match r.kind {
                 RunKind::Snapshot => "snapshot",
                 RunKind::Sync => "sync",
+                RunKind::Verify => "verify",
+                RunKind::Schema => "schema",
             }
         };
         let result = match r.result {

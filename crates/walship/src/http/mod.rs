@@ -261,6 +261,47 @@ impl AppState {
     fn db(&self, name: &str) -> Option<&DbState> {
         self.inner.dbs.iter().find(|d| d.db.name == name)
     }
+
+    /// The databases.
+    pub fn databases(&self) -> Vec<Database> {
+        self.inner.dbs.iter().map(|d| d.db.clone()).collect()
+    }
+
+    /// Appends `run` to the history of database `name` (for tasks beside the monitors, such
+    /// as scheduled verification). Blocks on an fsync; unknown names are ignored.
+    pub fn record_run(&self, name: &str, run: history::Run) {
+        let Some(d) = self.db(name) else { return };
+        if let Err(e) = d.history.append(std::slice::from_ref(&run)) {
+            tracing::warn!(db = %name, error = %format!("{e:#}"), "cannot record the run history");
+        }
+    }
+
+    /// Posts an alert about database `name` to the webhooks (`status`, `previous`:
+    /// healthy, warning, critical). Never waits.
+    pub fn alert(
+        &self,
+        name: &str,
+        event: &'static str,
+        status: &'static str,
+        previous: &'static str,
+        text: String,
+    ) {
+        let Some(d) = self.db(name) else { return };
+        let now = now_ms();
+        self.inner.alerts.send(alerts::Alert {
+            event,
+            db: d.db.name.clone(),
+            path: d.db.path.display().to_string(),
+            replica: d.db.replica_url.clone(),
+            status,
+            previous,
+            text,
+            time: rfc3339(now),
+            time_ms: now,
+            host: alerts::host_name(),
+            health: serde_json::Value::Null,
+        });
+    }
 }
 
 /// Binds `addr` and serves until `cancel`. Returns the bound address (useful with port 0)
@@ -301,9 +342,15 @@ pub struct Running {
     monitors: Monitors,
     server: Option<tokio::task::JoinHandle<()>>,
     cancel: CancellationToken,
+    state: AppState,
 }
 
 impl Running {
+    /// The shared state (run histories, alerts), for tasks beside the replicators.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
     /// After the replicators stopped: records the last runs, stops the server.
     pub async fn stop(self) {
         self.monitors.stop().await;
@@ -337,6 +384,7 @@ pub async fn start(
         monitors,
         server,
         cancel,
+        state,
     })
 }
 
