@@ -138,6 +138,16 @@ impl Tasks {
     }
 }
 
+/// `<what>.json`, or `<what>-<name>.json` when the database's name is not its file's own (a
+/// second replica of one database shares its state directory), as for the run history.
+fn state_file(what: &str, d: &crate::http::Database) -> String {
+    if d.name == crate::http::default_name(&d.path) {
+        format!("{what}.json")
+    } else {
+        format!("{what}-{}.json", d.name)
+    }
+}
+
 /// Starts the tools `args` ask for, for every database of `state` (its path, name, replica,
 /// replicator and state directory, which holds the tools' state and temporary files).
 pub fn start(args: &DaemonArgs, state: &AppState) -> Tasks {
@@ -157,6 +167,7 @@ pub fn start(args: &DaemonArgs, state: &AppState) -> Tasks {
                     replica: d.replica.clone(),
                     handle: d.handle.clone(),
                     state_dir: d.state_dir.clone(),
+                    file: state_file("verify", &d),
                     sink: sink.clone(),
                 }
                 .spawn(cancel.clone()),
@@ -168,6 +179,7 @@ pub fn start(args: &DaemonArgs, state: &AppState) -> Tasks {
                     db: d.path.clone(),
                     handle: d.handle.clone(),
                     state_dir: d.state_dir.clone(),
+                    file: state_file("schema", &d),
                     sink,
                 }
                 .spawn(cancel.clone()),

@@ -273,8 +273,10 @@ pub struct Watch {
     pub db: PathBuf,
     /// Its replicator.
     pub handle: ReplicatorHandle,
-    /// Where `schema.json` goes.
+    /// Where the schema file goes.
     pub state_dir: PathBuf,
+    /// Its name in `state_dir` (`schema.json`; one per replicator when a database has two).
+    pub file: String,
     /// Where changes go (run history, alerts).
     pub sink: Arc<dyn Sink>,
 }
@@ -318,7 +320,7 @@ impl Watch {
     async fn check(&self, generation: Option<String>, position: u64) -> Result<()> {
         let db = self.db.clone();
         let schema = blocking(move || Ok(LiveDb::open(&db)?.schema()?)).await?;
-        let file = self.state_dir.join("schema.json");
+        let file = self.state_dir.join(&self.file);
         let saved: Option<Saved> = std::fs::read_to_string(&file)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -373,7 +375,7 @@ impl Watch {
             };
             std::fs::create_dir_all(&self.state_dir)
                 .with_context(|| format!("cannot create {}", self.state_dir.display()))?;
-            let tmp = self.state_dir.join(".schema.json.tmp");
+            let tmp = self.state_dir.join(format!(".{}.tmp", self.file));
             std::fs::write(&tmp, serde_json::to_vec(&out)?)
                 .with_context(|| format!("cannot write {}", tmp.display()))?;
             std::fs::rename(&tmp, &file)

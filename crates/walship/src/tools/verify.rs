@@ -546,8 +546,11 @@ pub struct Schedule {
     pub replica: Replica,
     /// Its replicator.
     pub handle: ReplicatorHandle,
-    /// Where `verify.json` and the temporary restores go.
+    /// Where the state file and the temporary restores go.
     pub state_dir: PathBuf,
+    /// The state file's name in `state_dir` (`verify.json`; one per replicator when a
+    /// database has two).
+    pub file: String,
     /// Where results go (run history, alerts).
     pub sink: Arc<dyn Sink>,
 }
@@ -564,7 +567,7 @@ impl std::fmt::Debug for Schedule {
 
 impl Schedule {
     fn state_file(&self) -> PathBuf {
-        self.state_dir.join("verify.json")
+        self.state_dir.join(&self.file)
     }
 
     fn load(&self) -> Option<Last> {
@@ -575,7 +578,7 @@ impl Schedule {
     fn save(&self, last: &Last) {
         let r = (|| -> Result<()> {
             std::fs::create_dir_all(&self.state_dir)?;
-            let tmp = self.state_dir.join(".verify.json.tmp");
+            let tmp = self.state_dir.join(format!(".{}.tmp", self.file));
             std::fs::write(&tmp, serde_json::to_vec(last)?)?;
             std::fs::rename(&tmp, self.state_file())?;
             Ok(())
