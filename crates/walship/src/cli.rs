@@ -39,6 +39,8 @@ pub enum Command {
     /// Decrypt and decode one object file into its plain body (a snapshot becomes a SQLite
     /// database file; a segment, its WAL frames).
     Decrypt(DecryptArgs),
+    /// Work with walship.toml (`walship config check`).
+    Config(ConfigArgs),
     /// Write a logical SQL dump (schema and rows, like sqlite3's .dump) of a live database
     /// or of any restorable point of a replica.
     Dump(crate::tools::dump::DumpArgs),
@@ -47,6 +49,83 @@ pub enum Command {
     Verify(crate::tools::verify::VerifyArgs),
     /// List schema changes between the snapshots of a replica.
     SchemaDiff(crate::tools::schema::SchemaDiffArgs),
+}
+
+/// `walship config`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+/// `walship config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file without starting anything; also checks that every replica is
+    /// reachable unless --offline. Exits non-zero with one line naming the key on error.
+    Check(ConfigCheckArgs),
+}
+
+/// `walship config check`.
+#[derive(Debug, Args)]
+pub struct ConfigCheckArgs {
+    /// The file (default: $WALSHIP_CONFIG, else ./walship.toml).
+    pub file: Option<PathBuf>,
+    /// Do not contact the replicas.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+/// Lease (writer fencing) flags.
+#[derive(Debug, Clone, Args)]
+pub struct LeaseArgs {
+    /// When another replicator holds the replica's lease: wait until it is released or lapses
+    /// (wait), take it over at once (takeover; the old one stops at its next renewal), or
+    /// refuse to start (fail).
+    #[arg(long, default_value = "wait", value_name = "wait|takeover|fail")]
+    pub on_conflict: walship_engine::OnConflict,
+    /// How long a lease lasts without renewal (renewed only while data is shipped).
+    #[arg(long, default_value = "30s")]
+    pub lease_ttl: Dur,
+}
+
+impl LeaseArgs {
+    /// The lease options these flags give.
+    pub fn options(&self) -> walship_engine::LeaseOptions {
+        walship_engine::LeaseOptions {
+            ttl: self.lease_ttl.0,
+            on_conflict: self.on_conflict,
+        }
+    }
+}
+
+/// Retention flags (none set: keep everything).
+#[derive(Debug, Clone, Args)]
+pub struct RetentionArgs {
+    /// Keep the newest N snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep snapshots younger than this.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<Dur>,
+    /// Keep the newest snapshot of each of the last N days (UTC).
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N ISO weeks (UTC).
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+}
+
+impl RetentionArgs {
+    /// The policy these flags give.
+    pub fn policy(&self) -> walship_engine::RetentionPolicy {
+        walship_engine::RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_within: self.keep_within.map(|d| d.0),
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+        }
+    }
 }
 
 /// `walship decrypt`.
@@ -156,10 +235,15 @@ impl StoreArgs {
 /// `walship replicate`.
 #[derive(Debug, Args)]
 pub struct ReplicateArgs {
-    /// The database to replicate.
+    /// The database to replicate (or use --config).
     pub db: Option<PathBuf>,
     /// Where to: file:///dir or s3://bucket/prefix?endpoint=...&region=...&force-path-style=true
     pub replica_url: Option<String>,
+    /// Replicate every database and replica of this walship.toml (default: $WALSHIP_CONFIG
+    /// when no DB is given). The flags below give the defaults for what the file leaves
+    /// unset.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Run this command (through /bin/sh) once replication is up; forward signals to it;
     /// exit with its status after a final sync.
     #[arg(long)]
@@ -179,6 +263,10 @@ pub struct ReplicateArgs {
     /// Switch a database that is not in WAL mode to WAL instead of refusing it.
     #[arg(long)]
     pub enable_wal: bool,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
@@ -221,10 +309,17 @@ pub struct RestoreArgs {
 /// `walship snapshot`.
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
-    /// The database.
-    pub db: PathBuf,
+    /// The database (or use --config).
+    pub db: Option<PathBuf>,
     /// The replica.
-    pub replica_url: String,
+    pub replica_url: Option<String>,
+    /// Snapshot the databases of this walship.toml to each of their replicas (default:
+    /// $WALSHIP_CONFIG when no DB is given).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// With --config: only this database (its path or name).
+    #[arg(long = "db", value_name = "PATH|NAME", requires = "config")]
+    pub only_db: Option<String>,
     /// Switch a database that is not in WAL mode to WAL instead of refusing it.
     #[arg(long)]
     pub enable_wal: bool,

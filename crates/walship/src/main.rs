@@ -4,6 +4,7 @@
 //! engine library.
 
 mod cli;
+mod config;
 mod duration;
 mod http;
 mod tools;
@@ -19,7 +20,8 @@ use walship_format::key::{ObjectKey, format_time};
 use walship_storage::{ReplicaUrl, StoreOptions};
 
 use crate::cli::{
-    Cli, Command, DecryptArgs, GenerationsArgs, ReplicateArgs, RestoreArgs, SnapshotArgs, StoreArgs,
+    Cli, Command, ConfigCheckArgs, DecryptArgs, GenerationsArgs, ReplicateArgs, RestoreArgs,
+    SnapshotArgs, StoreArgs,
 };
 
 fn main() -> ExitCode {
@@ -47,6 +49,9 @@ fn main() -> ExitCode {
             Command::Dump(a) => tools::dump::command(a).await,
             Command::Verify(a) => tools::verify::command(a).await,
             Command::SchemaDiff(a) => tools::schema::command(a).await,
+            Command::Config(c) => match c.command {
+                cli::ConfigCommand::Check(a) => config_check(a).await,
+            },
         }
     });
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -151,64 +156,218 @@ fn decrypt(a: DecryptArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
-    let (Some(db), Some(url)) = (a.db.clone(), a.replica_url.clone()) else {
-        bail!(
-            "replicate needs DB and REPLICA_URL (for example: walship replicate /data/app.db file:///backups/app)"
-        );
-    };
-    let replica = open_replica(&url, &a.store).await?;
-    walship_storage::check_access(replica.store().as_ref())
+/// One (database, replica) pair to replicate: each gets its own replicator task, with its
+/// own pin, lease and generation lineage.
+struct Pair {
+    /// Name for the status server and metrics.
+    name: String,
+    db: std::path::PathBuf,
+    /// The replica URL as given.
+    url: String,
+    /// Where it came from, for messages: the config key path, or empty.
+    origin: String,
+    replica: Replica,
+    opts: ReplicateOptions,
+}
+
+impl Pair {
+    fn label(&self) -> String {
+        if self.origin.is_empty() {
+            format!("{} to {}", self.db.display(), self.replica.describe())
+        } else {
+            format!(
+                "{} to {} ({})",
+                self.db.display(),
+                self.replica.describe(),
+                self.origin
+            )
+        }
+    }
+}
+
+/// The config file to use: `--config`, else `$WALSHIP_CONFIG` when no DB is given.
+fn config_path(flag: &Option<std::path::PathBuf>, has_db: bool) -> Option<std::path::PathBuf> {
+    flag.clone().or_else(|| {
+        (!has_db)
+            .then(|| std::env::var_os("WALSHIP_CONFIG"))
+            .flatten()
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    })
+}
+
+/// Opens the store of a configured replica.
+async fn open_configured(r: &config::ReplicaConfig) -> Result<Replica> {
+    let store = walship_storage::open(&r.parsed, &r.store)
         .await
-        .with_context(|| format!("cannot reach the replica {}", replica.describe()))?;
-    let opts = ReplicateOptions {
+        .with_context(|| format!("{}: cannot open {}", r.key_path, r.parsed))?;
+    let replica = Replica::new(store);
+    Ok(match &r.keys {
+        Some(k) => replica.with_keys(k.clone()),
+        None => replica,
+    })
+}
+
+/// The pairs `replicate` runs: from the config file, or the positional DB and REPLICA_URL.
+async fn replicate_pairs(a: &ReplicateArgs) -> Result<Vec<Pair>> {
+    let defaults = config::Defaults {
         sync_interval: a.sync_interval.0,
         snapshot_interval: a.snapshot_interval.0,
         checkpoint_frames: a.checkpoint_frames,
         enable_wal: a.enable_wal,
-        ..Default::default()
+        retention: a.retention.policy(),
+        lease: a.lease.options(),
     };
+    if let Some(path) = config_path(&a.config, a.db.is_some()) {
+        if a.db.is_some() || a.replica_url.is_some() {
+            bail!("give either --config (or WALSHIP_CONFIG) or DB REPLICA_URL, not both");
+        }
+        let cfg = config::Config::load(&path, &defaults)?;
+        let mut pairs = Vec::new();
+        for d in &cfg.dbs {
+            for r in &d.replicas {
+                let name = if d.replicas.len() == 1 {
+                    d.name.clone()
+                } else {
+                    format!("{}-{}", d.name, r.name)
+                };
+                pairs.push(Pair {
+                    name,
+                    db: d.path.clone(),
+                    url: r.url.clone(),
+                    origin: r.key_path.clone(),
+                    replica: open_configured(r).await?,
+                    opts: ReplicateOptions {
+                        sync_interval: r.sync_interval,
+                        snapshot_interval: r.snapshot_interval,
+                        checkpoint_frames: d.checkpoint_frames,
+                        enable_wal: d.enable_wal,
+                        retention: r.retention.clone(),
+                        lease: Some(r.lease.clone()),
+                        ..Default::default()
+                    },
+                });
+            }
+        }
+        return Ok(pairs);
+    }
+    let (Some(db), Some(url)) = (a.db.clone(), a.replica_url.clone()) else {
+        bail!(
+            "replicate needs DB and REPLICA_URL, or --config FILE (for example: walship replicate /data/app.db file:///backups/app)"
+        );
+    };
+    let replica = open_replica(&url, &a.store).await?;
+    Ok(vec![Pair {
+        name: http::default_name(&db),
+        db: std::path::absolute(&db).unwrap_or_else(|_| db.clone()),
+        url,
+        origin: String::new(),
+        replica,
+        opts: ReplicateOptions {
+            sync_interval: defaults.sync_interval,
+            snapshot_interval: defaults.snapshot_interval,
+            checkpoint_frames: defaults.checkpoint_frames,
+            enable_wal: defaults.enable_wal,
+            retention: defaults.retention,
+            lease: Some(defaults.lease),
+            ..Default::default()
+        },
+    }])
+}
+
+/// Refuses to start with an unreachable replica: every one is checked, concurrently.
+async fn check_reachable(pairs: &[Pair]) -> Result<()> {
+    let checks = pairs.iter().map(|p| async move {
+        walship_storage::check_access(p.replica.store().as_ref())
+            .await
+            .with_context(|| {
+                if p.origin.is_empty() {
+                    format!("cannot reach the replica {}", p.replica.describe())
+                } else {
+                    format!(
+                        "{}: cannot reach the replica {}",
+                        p.origin,
+                        p.replica.describe()
+                    )
+                }
+            })
+    });
+    futures::future::try_join_all(checks).await?;
+    Ok(())
+}
+
+type TaskResult = Result<walship_engine::EngineResult<()>, tokio::task::JoinError>;
+
+async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
+    let pairs = replicate_pairs(&a).await?;
+    check_reachable(&pairs).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("install SIGINT handler")?;
+    // One token stops every replicator; each runs in its own task and span.
     let cancel = CancellationToken::new();
-    let (handle, mut task) =
-        walship_engine::replicate::spawn(db.clone(), replica.clone(), opts, cancel.clone());
-    // Run history, alerts and (with --listen) the HTTP server; never in the replicator's way.
-    let monitoring = http::start(
-        &a.http,
-        vec![http::Database::new(
-            http::default_name(&db),
-            std::path::absolute(&db).unwrap_or_else(|_| db.clone()),
-            &url,
+    let mut handles = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut databases = Vec::new();
+    let labels: Vec<String> = pairs.iter().map(Pair::label).collect();
+    let snapshot_interval = pairs
+        .iter()
+        .map(|p| p.opts.snapshot_interval)
+        .max()
+        .unwrap_or(a.snapshot_interval.0);
+    for (i, p) in pairs.into_iter().enumerate() {
+        let (handle, task) = walship_engine::replicate::spawn(
+            p.db.clone(),
+            p.replica.clone(),
+            p.opts.clone(),
+            cancel.clone(),
+        );
+        tasks.spawn(async move { (i, task.await) });
+        databases.push(http::Database::new(
+            p.name.clone(),
+            p.db.clone(),
+            &p.url,
             handle.clone(),
-            replica,
-        )],
-        a.snapshot_interval.0,
-    )
-    .await?;
+            p.replica,
+        ));
+        handles.push(handle);
+    }
+    // Run history, alerts and (with --listen) the HTTP server; never in the replicators' way.
+    let monitoring = http::start(&a.http, databases, snapshot_interval).await?;
+    let deadline = a.shutdown_timeout.0;
 
-    // The replicator is up once its first sync answers; only then start the app.
+    // Replication is up once every replicator made one successful sync; only then start
+    // the app.
+    let first_syncs = futures::future::join_all(
+        handles
+            .iter()
+            .zip(&labels)
+            .map(|(h, label)| first_sync(h, label)),
+    );
     tokio::select! {
-        r = handle.sync() => {
-            if let Err(e) = r {
-                // The task ended; its own error says why.
-                if let Ok(Err(task_err)) = (&mut task).await {
-                    return Err(anyhow::Error::new(task_err).context(format!("cannot replicate {}", db.display())));
-                }
-                return Err(anyhow::Error::new(e).context(format!("cannot replicate {}", db.display())));
+        results = first_syncs => {
+            if let Some(i) = results.iter().position(|up| !up) {
+                // That task ended (or is ending); its own error says why.
+                return Err(startup_failure(i, &labels, &cancel, &mut tasks, deadline).await);
             }
         }
-        r = &mut task => {
-            r.context("replicator task failed")?.with_context(|| format!("cannot replicate {}", db.display()))?;
-            bail!("replicator stopped before its first sync");
+        Some(joined) = tasks.join_next() => {
+            let (i, r) = joined.context("replicator task failed")?;
+            let e = match r {
+                Ok(Ok(())) => anyhow::anyhow!("replicator stopped before its first sync"),
+                Ok(Err(e)) => anyhow::Error::new(e),
+                Err(e) => anyhow::Error::new(e),
+            };
+            cancel.cancel();
+            let _ = tokio::time::timeout(deadline, drain(&mut tasks, &labels)).await;
+            return Err(e.context(format!("cannot replicate {}", labels[i])));
         }
-        _ = term.recv() => return stop_during_startup(cancel, task, a.shutdown_timeout.0).await,
-        _ = int.recv() => return stop_during_startup(cancel, task, a.shutdown_timeout.0).await,
+        _ = term.recv() => return stop_during_startup(cancel, tasks, labels, deadline).await,
+        _ = int.recv() => return stop_during_startup(cancel, tasks, labels, deadline).await,
     }
-    tracing::info!(db = %db.display(), "replicating");
-    // Scheduled verification and the schema watch (tools::daemon), beside the replicator.
+    tracing::info!(pairs = labels.len(), "all replicators up");
+    // Scheduled verification and the schema watch (tools::daemon), beside the replicators.
     let tool_tasks = tools::daemon::start(&a.tools, monitoring.state());
 
     let mut child = match &a.exec {
@@ -219,26 +378,49 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
     enum First {
         Signal(i32),
         Child(std::process::ExitStatus),
-        Task(Result<walship_engine::EngineResult<()>, tokio::task::JoinError>),
+        AllStopped(anyhow::Error),
     }
-    let first = tokio::select! {
-        _ = term.recv() => First::Signal(libc::SIGTERM),
-        _ = int.recv() => First::Signal(libc::SIGINT),
-        st = wait_child(&mut child) => First::Child(st?),
-        r = &mut task => First::Task(r),
+    let mut running = labels.len();
+    let mut last_error: Option<anyhow::Error> = None;
+    let first = loop {
+        tokio::select! {
+            _ = term.recv() => break First::Signal(libc::SIGTERM),
+            _ = int.recv() => break First::Signal(libc::SIGINT),
+            st = wait_child(&mut child) => break First::Child(st?),
+            Some(joined) = tasks.join_next() => {
+                // A replicator stopped on its own (its lease was taken over, or it failed for
+                // good). The others go on; once none is left, stop the app too.
+                running -= 1;
+                let e = match joined {
+                    Ok((i, r)) => {
+                        let e = match r {
+                            Ok(Ok(())) => anyhow::anyhow!("replicator stopped"),
+                            Ok(Err(e)) => anyhow::Error::new(e),
+                            Err(e) => anyhow::Error::new(e),
+                        };
+                        e.context(format!("replication of {} stopped", labels[i]))
+                    }
+                    Err(e) => anyhow::Error::new(e).context("replicator task failed"),
+                };
+                tracing::error!(error = %one_line(&e), remaining = running, "replicator stopped");
+                if running == 0 {
+                    break First::AllStopped(e);
+                }
+                last_error = Some(e);
+            }
+        }
     };
     let mut child_status = None;
     match first {
-        First::Task(r) => {
-            // The replicator stopped on its own: an unrecoverable error. Stop the app too.
+        First::AllStopped(e) => {
             if let Some(c) = child.as_mut() {
                 if let Some(pid) = c.id() {
                     send_signal(pid, libc::SIGTERM);
                 }
                 let _ = c.wait().await;
             }
-            r.context("replicator task failed")??;
-            bail!("replicator stopped");
+            monitoring.stop().await;
+            return Err(e);
         }
         First::Child(st) => child_status = Some(st),
         First::Signal(sig) => {
@@ -257,42 +439,110 @@ async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
     }
     cancel.cancel();
     tool_tasks.stop().await;
-    let deadline = a.shutdown_timeout.0;
-    let final_sync = tokio::time::timeout(deadline, &mut task);
+    let final_sync = tokio::time::timeout(deadline, drain(&mut tasks, &labels));
     let outcome = tokio::select! {
         r = final_sync => r,
         _ = term.recv() => { eprintln!("second signal: exiting without a final sync"); return Ok(ExitCode::from(130)); }
         _ = int.recv() => { eprintln!("second signal: exiting without a final sync"); return Ok(ExitCode::from(130)); }
     };
+    monitoring.stop().await;
     match outcome {
-        Ok(r) => r
-            .context("replicator task failed")?
-            .context("final sync failed")?,
+        Ok(Some(e)) => return Err(e.context("final sync failed")),
+        Ok(None) => {}
         Err(_) => {
-            task.abort();
+            tasks.abort_all();
             bail!("final sync did not finish within {deadline:?} (raise --shutdown-timeout)");
         }
     }
-    monitoring.stop().await;
+    if let Some(e) = last_error {
+        // Some replica stopped earlier; the exit status says so unless the app's does.
+        if child_status.is_none() {
+            return Err(e);
+        }
+    }
     if let Some(st) = child_status {
         return Ok(exit_code_of(st));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// A signal before the first sync: let the replicator finish starting, sync, and stop.
+/// Waits for a replicator's first successful sync, retrying failed ones (a replica that
+/// fails for a while); false if the replicator stopped (it could not start).
+async fn first_sync(h: &walship_engine::ReplicatorHandle, label: &str) -> bool {
+    let mut warned = false;
+    loop {
+        match h.sync().await {
+            Ok(_) => return true,
+            Err(walship_engine::EngineError::Cancelled) => return false,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(replica = %label, error = %e, "first sync failed; retrying before starting the app");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Waits for every remaining replicator; returns the first failure (all are logged).
+async fn drain(
+    tasks: &mut tokio::task::JoinSet<(usize, TaskResult)>,
+    labels: &[String],
+) -> Option<anyhow::Error> {
+    let mut first = None;
+    while let Some(joined) = tasks.join_next().await {
+        let e = match joined {
+            Ok((_, Ok(Ok(())))) => continue,
+            Ok((i, Ok(Err(e)))) => anyhow::Error::new(e).context(labels[i].clone()),
+            Ok((i, Err(e))) => anyhow::Error::new(e).context(labels[i].clone()),
+            Err(e) => anyhow::Error::new(e),
+        };
+        tracing::error!(error = %one_line(&e), "final sync failed");
+        first.get_or_insert(e);
+    }
+    first
+}
+
+/// The error of a replicator that could not start; stops the others.
+async fn startup_failure(
+    i: usize,
+    labels: &[String],
+    cancel: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<(usize, TaskResult)>,
+    deadline: Duration,
+) -> anyhow::Error {
+    cancel.cancel();
+    let mut failure = None;
+    let collect = async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((j, r)) = joined {
+                let e = match r {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => anyhow::Error::new(e),
+                    Err(e) => anyhow::Error::new(e),
+                };
+                if j == i || failure.is_none() {
+                    failure = Some(e.context(format!("cannot replicate {}", labels[j])));
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(deadline, collect).await;
+    failure.unwrap_or_else(|| anyhow::anyhow!("cannot replicate {}", labels[i]))
+}
+
+/// A signal before the first sync: let the replicators finish starting, sync, and stop.
 async fn stop_during_startup(
     cancel: CancellationToken,
-    task: tokio::task::JoinHandle<walship_engine::EngineResult<()>>,
+    mut tasks: tokio::task::JoinSet<(usize, TaskResult)>,
+    labels: Vec<String>,
     deadline: Duration,
 ) -> Result<ExitCode> {
     cancel.cancel();
-    match tokio::time::timeout(deadline, task).await {
-        Ok(r) => {
-            r.context("replicator task failed")?
-                .context("final sync failed")?;
-            Ok(ExitCode::SUCCESS)
-        }
+    match tokio::time::timeout(deadline, drain(&mut tasks, &labels)).await {
+        Ok(None) => Ok(ExitCode::SUCCESS),
+        Ok(Some(e)) => Err(e.context("final sync failed")),
         Err(_) => bail!("final sync did not finish within {deadline:?} (raise --shutdown-timeout)"),
     }
 }
@@ -384,20 +634,137 @@ fn parse_rfc3339(s: &str) -> Result<i64> {
 }
 
 async fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
-    let replica = open_replica(&a.replica_url, &a.store).await?;
-    walship_storage::check_access(replica.store().as_ref())
-        .await
-        .with_context(|| format!("cannot reach the replica {}", replica.describe()))?;
-    let report = walship_engine::replicate::snapshot_once(&a.db, replica, a.enable_wal)
-        .await
-        .with_context(|| format!("snapshot of {} failed", a.db.display()))?;
-    eprintln!(
-        "snapshot of {} written: generation {}, position {:#x}, {} bytes",
-        a.db.display(),
-        report.0,
-        report.1,
-        report.2
-    );
+    // (database, replica, enable-wal, origin) to snapshot.
+    let mut jobs: Vec<(std::path::PathBuf, Replica, bool, String)> = Vec::new();
+    if let Some(path) = config_path(&a.config, a.db.is_some()) {
+        if a.db.is_some() || a.replica_url.is_some() {
+            bail!("give either --config (or WALSHIP_CONFIG) or DB REPLICA_URL, not both");
+        }
+        let cfg = config::Config::load(&path, &config::Defaults::default())?;
+        for d in &cfg.dbs {
+            if let Some(only) = &a.only_db {
+                let as_path = std::path::absolute(only).unwrap_or_else(|_| only.into());
+                if *only != d.name && as_path != d.path {
+                    continue;
+                }
+            }
+            for r in &d.replicas {
+                jobs.push((
+                    d.path.clone(),
+                    open_configured(r).await?,
+                    d.enable_wal || a.enable_wal,
+                    r.key_path.clone(),
+                ));
+            }
+        }
+        if jobs.is_empty() {
+            bail!(
+                "--db {}: no such database in {} (give its path or name)",
+                a.only_db.as_deref().unwrap_or_default(),
+                path.display()
+            );
+        }
+    } else {
+        let (Some(db), Some(url)) = (a.db.clone(), a.replica_url.clone()) else {
+            bail!(
+                "snapshot needs DB and REPLICA_URL, or --config FILE (for example: walship snapshot /data/app.db file:///backups/app)"
+            );
+        };
+        jobs.push((
+            db,
+            open_replica(&url, &a.store).await?,
+            a.enable_wal,
+            String::new(),
+        ));
+    }
+    let mut failures = Vec::new();
+    for (db, replica, enable_wal, origin) in jobs {
+        let what = if origin.is_empty() {
+            format!("{} to {}", db.display(), replica.describe())
+        } else {
+            format!("{} to {} ({origin})", db.display(), replica.describe())
+        };
+        let r = async {
+            walship_storage::check_access(replica.store().as_ref())
+                .await
+                .with_context(|| format!("cannot reach the replica {}", replica.describe()))?;
+            walship_engine::replicate::snapshot_once(&db, replica.clone(), enable_wal)
+                .await
+                .with_context(|| format!("snapshot of {} failed", db.display()))
+        }
+        .await;
+        match r {
+            Ok(report) => eprintln!(
+                "snapshot of {what} written: generation {}, position {:#x}, {} bytes",
+                report.0, report.1, report.2
+            ),
+            Err(e) => {
+                tracing::error!(error = %one_line(&e), "snapshot of {what} failed");
+                failures.push(e);
+            }
+        }
+    }
+    match failures.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+async fn config_check(a: ConfigCheckArgs) -> Result<ExitCode> {
+    use std::io::Write;
+    let path = a
+        .file
+        .clone()
+        .or_else(|| config_path(&None, false))
+        .unwrap_or_else(|| std::path::PathBuf::from("walship.toml"));
+    let cfg = config::Config::load(&path, &config::Defaults::default())?;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", cfg.summary())?;
+    for d in &cfg.dbs {
+        if !d.path.exists() {
+            writeln!(
+                out,
+                "note: {} ({}) does not exist yet (restore it, or let the app create it)",
+                d.path.display(),
+                d.key_path
+            )?;
+        }
+    }
+    if !a.offline {
+        let checks = cfg.pairs().map(|(_, r)| async move {
+            let replica = open_configured(r).await?;
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                walship_storage::check_access(replica.store().as_ref()),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 30 s"))?
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("{}: cannot reach the replica {}", r.key_path, r.parsed))
+        });
+        let results = futures::future::join_all(checks).await;
+        let mut first = None;
+        for ((_, r), res) in cfg.pairs().zip(results) {
+            match res {
+                Ok(()) => writeln!(out, "{}: {} reachable", r.key_path, r.parsed)?,
+                Err(e) => {
+                    writeln!(out, "{}", one_line(&e))?;
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first {
+            return Err(e);
+        }
+    }
+    writeln!(
+        out,
+        "{}: ok ({} databases, {} replicas{})",
+        path.display(),
+        cfg.dbs.len(),
+        cfg.pairs().count(),
+        if a.offline { ", not contacted" } else { "" }
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
