@@ -1023,12 +1023,16 @@ impl Replicator {
                 tracing::warn!(db = %self.span_db(), error = %e, "sync failed; will retry");
                 let msg = e.to_string();
                 let kind = error_kind(e);
-                let since = self.pending_since.unwrap_or(i64::MAX).min(now_ms());
+                // Lag only for data known to wait: a failed snapshot or checkpoint after a
+                // complete sync leaves nothing unshipped.
+                let pending = self.pending_since;
                 self.publish(|s| {
                     s.last_error = Some(msg);
                     *s.errors_by_kind.entry(kind).or_default() += 1;
                     s.consecutive_errors += 1;
-                    s.unsynced_since_ms = Some(s.unsynced_since_ms.map_or(since, |u| u.min(since)));
+                    if let Some(p) = pending {
+                        s.unsynced_since_ms = Some(s.unsynced_since_ms.map_or(p, |u| u.min(p)));
+                    }
                 });
             }
             match reply {

@@ -141,10 +141,8 @@ fn health_turns_critical_while_uploads_fail_and_recovers() {
     });
     assert_eq!(s.get("/health").status(), StatusCode::OK);
     let m = s.get("/metrics").text().unwrap();
-    assert_eq!(
-        sample(&m, "walship_replication_lag_seconds{db=\"app\"}"),
-        Some(0.0)
-    );
+    let lag = sample(&m, "walship_replication_lag_seconds{db=\"app\"}").unwrap();
+    assert!(lag < 1.0, "lag {lag} after recovery:\n{m}");
     // The episode is in the run history, with its error.
     let runs = s.wait_json(
         "/api/v1/databases/app/history",

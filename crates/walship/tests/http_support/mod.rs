@@ -58,8 +58,9 @@ pub fn start(extra: &[&str]) -> Server {
     let deadline = Instant::now() + Duration::from_secs(30);
     let addr = loop {
         let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
+        // Up once the server answers and the first sync is done (whatever the log says).
         if let Some(a) = listen_addr(&text)
-            && text.contains("replicating")
+            && first_sync_done(&a)
         {
             break a;
         }
@@ -137,6 +138,20 @@ impl Server {
             assert!(st.success(), "replicate failed: {}", tail(&self.log));
         }
     }
+}
+
+fn first_sync_done(addr: &str) -> bool {
+    let Ok(r) = client()
+        .get(format!("http://{addr}/api/v1/status"))
+        .timeout(Duration::from_secs(2))
+        .send()
+    else {
+        return false;
+    };
+    let v: serde_json::Value = r.json().unwrap_or_default();
+    v["databases"]
+        .as_array()
+        .is_some_and(|d| !d.is_empty() && d.iter().all(|d| d["last_synced"].is_string()))
 }
 
 pub fn client() -> reqwest::blocking::Client {
