@@ -62,6 +62,10 @@ pub struct VerifyArgs {
     pub store: StoreArgs,
 }
 
+/// How long the daemon's verification waits for the replicator to sync (a replica that is
+/// down fails the verification rather than stalling the schedule).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// What to verify.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -224,8 +228,10 @@ async fn run(
     };
     // 2. Everything committed so far is in the replica.
     if let Some(h) = handle {
-        h.sync()
+        tokio::time::timeout(SYNC_TIMEOUT, h.sync())
             .await
+            .map_err(|_| anyhow::anyhow!("no sync within {SYNC_TIMEOUT:?}"))
+            .and_then(|r| r.map_err(anyhow::Error::new))
             .context("the replicator could not sync before verifying")?;
     }
     // 3. The newest point.
