@@ -774,6 +774,22 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     let now = walship_format_now();
+    if !a.json
+        && let Some(l) = walship_engine::lease::current(replica.store().as_ref()).await?
+    {
+        let state = match l.state {
+            walship_engine::lease::LeaseState::Held => "held by",
+            walship_engine::lease::LeaseState::Released => "released by",
+        };
+        writeln!(
+            out,
+            "lease {state} {} (seq {}, ttl {} ms, written {})",
+            l.describe(),
+            l.seq,
+            l.ttl_ms,
+            format_time(l.written_ms)
+        )?;
+    }
     let mut json = Vec::new();
     for g in gens {
         let objs = replica.objects(g).await?;
