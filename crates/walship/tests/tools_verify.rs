@@ -222,10 +222,14 @@ fn history(db: &Path, state: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+fn wait_for(what: &str, log: &Path, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out waiting for {what}; log:\n{}",
+            tail(log)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -254,17 +258,20 @@ fn the_daemon_verifies_on_schedule_and_records_schema_changes() {
             ],
             &log,
         );
-        std::thread::sleep(Duration::from_millis(800));
+        // The schema watch records its baseline at the first snapshot it sees.
+        wait_for("the schema baseline", &log, Duration::from_secs(30), || {
+            state.join("schema.json").exists()
+        });
         insert(&db, 30, 40);
         // A schema change, caught at the next snapshot.
         Connection::open(&db)
             .unwrap()
             .execute_batch("CREATE TABLE added(x); CREATE INDEX t_id2 ON t(id, v);")
             .unwrap();
-        wait_for("a verify run", Duration::from_secs(30), || {
+        wait_for("a verify run", &log, Duration::from_secs(30), || {
             history(&db, &state).iter().any(|r| r["kind"] == "verify")
         });
-        wait_for("a schema run", Duration::from_secs(30), || {
+        wait_for("a schema run", &log, Duration::from_secs(30), || {
             history(&db, &state).iter().any(|r| r["kind"] == "schema")
         });
         let st = rep.terminate(Duration::from_secs(20));
