@@ -191,8 +191,21 @@ fn a_truncated_newest_segment_is_skipped_and_named() {
     let rdir = dir.path().join("replica");
     let url = file_url(&rdir);
     let (_db, n) = build_replica(dir.path(), &url);
-    let segs = objects(&rdir, ".wseg");
+    // The newest segment by key (log order), not by directory order.
+    let mut segs = objects(&rdir, ".wseg");
+    segs.sort_by_key(|p| p.file_name().unwrap().to_owned());
     let newest = segs.last().unwrap().clone();
+    let name = newest.file_name().unwrap().to_string_lossy().into_owned();
+    let end = u64::from_str_radix(&name[17..33], 16).unwrap();
+    // A snapshot taken after it would make it unnecessary: keep only older ones, so the
+    // restore has to read it.
+    for snap in objects(&rdir, ".wsnap") {
+        let sname = snap.file_name().unwrap().to_string_lossy().into_owned();
+        let position = u64::MAX - u64::from_str_radix(&sname[..16], 16).unwrap();
+        if position >= end {
+            std::fs::remove_file(&snap).unwrap();
+        }
+    }
     let bytes = std::fs::read(&newest).unwrap();
     std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
     let out = dir.path().join("out.db");
