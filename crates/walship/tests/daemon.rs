@@ -197,6 +197,27 @@ impl Drop for BackgroundWriter {
     }
 }
 
+/// Waits until a restore of `url` has `n` rows (replication is asynchronous).
+fn wait_restored_count(url: &str, dir: &Path, n: i64, log: &Path) {
+    let out = dir.join("poll.db");
+    let mut last = -1;
+    wait_until(
+        Duration::from_secs(20),
+        &format!("{n} rows in {url}"),
+        log,
+        || {
+            let _ = std::fs::remove_file(&out);
+            last = if restore(url, &out, &[]).status.success() {
+                count(&out)
+            } else {
+                -1
+            };
+            last == n
+        },
+    );
+    let _ = std::fs::remove_file(&out);
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
@@ -298,11 +319,11 @@ name = "bee"
     );
     insert_rows(&a, 50, 120);
     insert_rows(&b, 1030, 1100);
-    std::thread::sleep(Duration::from_millis(600));
-    // Mid-way, every replica already has the data (each pair has its own task).
-    assert_eq!(count(&restored(&ra1, d)), 119);
-    assert_eq!(count(&restored(&ra2, d)), 119);
-    assert_eq!(count(&restored(&rb, d)), 100);
+    // Mid-way, every replica gets the data while the process runs (each pair has its own
+    // task).
+    wait_restored_count(&ra1, d, 119, &log);
+    wait_restored_count(&ra2, d, 119, &log);
+    wait_restored_count(&rb, d, 100, &log);
     insert_rows(&a, 120, 130);
     insert_rows(&b, 1100, 1110);
     let st = rep.terminate(Duration::from_secs(30));
@@ -350,15 +371,17 @@ fn a_failing_replica_never_stops_the_others_and_catches_up_when_it_returns() {
     std::fs::rename(&flaky_dir, &aside).unwrap();
     std::fs::write(&flaky_dir, b"not a directory").unwrap();
     insert_rows(&db, 20, 80);
-    std::thread::sleep(Duration::from_millis(800));
-    // The good one has everything, while the other fails.
-    assert_eq!(count(&restored(&good, d)), 79);
-    assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("sync failed"),
-        "the flaky replica should be failing: {}",
-        tail(&log)
+    // The good one gets everything, while the other fails.
+    wait_restored_count(&good, d, 79, &log);
+    wait_until(
+        Duration::from_secs(20),
+        "the flaky replica to fail",
+        &log,
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("sync failed")
+        },
     );
     // It comes back and catches up without a restart.
     std::fs::remove_file(&flaky_dir).unwrap();
@@ -505,7 +528,13 @@ fn retention_keeps_the_newest_snapshots_drops_what_they_do_not_need_and_old_gene
     let log = d.join("rep.log");
     let rep = start(&args, &log);
     let w = BackgroundWriter::start(&db, 100, Duration::from_millis(20));
-    std::thread::sleep(Duration::from_millis(2500));
+    wait_until(Duration::from_secs(30), "four snapshots", &log, || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("snapshot uploaded")
+            .count()
+            >= 4
+    });
     let last = w.stop();
     let st = rep.terminate(Duration::from_secs(30));
     assert!(st.success(), "{}", tail(&log));
@@ -551,9 +580,19 @@ fn retention_keeps_the_newest_snapshots_drops_what_they_do_not_need_and_old_gene
     }
     create_db(&db);
     insert_rows(&db, 5000, 5010);
+    let uploaded = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("snapshot uploaded")
+            .count()
+    };
+    let before = uploaded();
     let rep = start(&args, &log);
     let w = BackgroundWriter::start(&db, 6000, Duration::from_millis(20));
-    std::thread::sleep(Duration::from_millis(2000));
+    // The new generation's first snapshot and two more.
+    wait_until(Duration::from_secs(30), "three snapshots", &log, || {
+        uploaded() >= before + 3
+    });
     let last = w.stop();
     let st = rep.terminate(Duration::from_secs(30));
     assert!(st.success(), "{}", tail(&log));
@@ -783,8 +822,7 @@ fn a_snapshot_from_the_config_while_replicate_runs_keeps_the_newest_data_restora
     // The replicator goes on in its own generation, which the one-shot snapshot's (newer
     // id) must not hide.
     insert_rows(&db, 150, 200);
-    std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(count(&restored(&url, d)), 199);
+    wait_restored_count(&url, d, 199, &log);
     let st = rep.terminate(Duration::from_secs(30));
     assert!(st.success(), "{}", tail(&log));
     assert_eq!(count(&restored(&url, d)), 199);
@@ -814,7 +852,7 @@ fn fencing(url: &str, d: &Path) {
     create_db(&db_b);
     insert_rows(&db_a, 1, 10);
     insert_rows(&db_b, 1_000_000, 1_000_010);
-    let common = ["--sync-interval", "100ms", "--lease-ttl", "2s"];
+    let common = ["--sync-interval", "100ms", "--lease-ttl", "3s"];
     let args = |db: &Path, extra: &[&str]| -> Vec<String> {
         let mut v = vec![
             "replicate".to_string(),
@@ -852,7 +890,7 @@ fn fencing(url: &str, d: &Path) {
     // B with --on-conflict wait: waits while A is alive and renewing, longer than a TTL.
     let log_b = d.join("b.log");
     let b = run(&args(&db_b, &[]), &log_b);
-    std::thread::sleep(Duration::from_millis(3500));
+    std::thread::sleep(Duration::from_millis(4000));
     let text = std::fs::read_to_string(&log_b).unwrap();
     assert!(text.contains("waiting"), "{text}");
     assert!(
