@@ -545,6 +545,14 @@ def s3_ceiling(rep: "Replica") -> dict | None:
         with cf.ThreadPoolExecutor(streams) as ex:
             got = sum(ex.map(get, range(streams)))
         out[f"mb_per_s_{streams}"] = got / MB / (time.perf_counter() - t0)
+    # One 4 MiB ranged GET (what walship's parallel restore issues): its cost shows whether
+    # the server's work per ranged request grows with the object's size.
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        s3.get_object(Bucket=rep.bucket, Key=key, Range=f"bytes=0-{4 * MIB - 1}")["Body"].read()
+        times.append(time.perf_counter() - t0)
+    out["range_4mib_ms"] = 1e3 * statistics.median(times)
     return out
 
 
@@ -1072,17 +1080,28 @@ class Harness:
                     f"{rep_bytes / db_bytes:.2f}x with the segments")
                 self.raw["big"].append(rec)
                 built.append((tool, backend, db, rep, rec))
-            # Restores, alternating configurations.
+            # Restores, alternating configurations. walship from S3 also runs with
+            # --parallelism 1 (one GET per object instead of 4 MiB ranged GETs), which tells
+            # the S3 server's cost per ranged request apart from walship's own.
+            restores = []
+            for tool, backend, db, rep, brec in built:
+                restores.append((tool, backend, db, rep, brec, [], f"{tool.name}/{backend}"))
+                if tool.name == "walship" and backend == "s3":
+                    restores.append((tool, backend, db, rep, brec, ["--parallelism", "1"],
+                                     f"{tool.name}/{backend} parallelism 1"))
             for rnd in range(p.restore_reps):
-                for tool, backend, db, rep, brec in rotate(built, rnd):
-                    name = f"{tool.name}/{backend}"
-                    tag = self.tag("restore", size, name.replace("/", "-"), rnd)
+                for tool, backend, db, rep, brec, extra, name in rotate(restores, rnd):
+                    base_name = f"{tool.name}/{backend}"
+                    tag = self.tag("restore", size, name.replace("/", "-").replace(" ", "-"),
+                                   rnd)
                     out = self.work / f"{tag}.restored.db"
                     remove_db(out)
-                    e, secs = run_timed(tool.restore_argv(db, rep, out), env=tool_env(),
+                    argv = tool.restore_argv(db, rep, out)
+                    argv[2:2] = extra  # after `walship restore`
+                    e, secs = run_timed(argv, env=tool_env(),
                                         log_path=self.work / f"{tag}.log", timeout=1800)
-                    rec = {"size": label, "config": name, "round": rnd, "exit": e.rc,
-                           "seconds": secs, "maxrss_mib": mib(e)}
+                    rec = {"size": label, "config": name, "base": base_name, "round": rnd,
+                           "exit": e.rc, "seconds": secs, "maxrss_mib": mib(e)}
                     if e.rc == 0 and out.exists():
                         rec["db_bytes"] = out.stat().st_size
                         rec["mb_per_s"] = rec["db_bytes"] / MB / secs
@@ -1312,9 +1331,17 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                  "replicate peak RSS MiB | objects | replica / db after snapshot | "
                  "… with segments | verified |")
         L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        rows = []
         for b in raw["big"]:
-            rs = [r for r in raw["restore"] if r["size"] == b["size"] and
-                  r["config"] == b["config"]]
+            names = []
+            for r in raw["restore"]:
+                if r["size"] == b["size"] and r.get("base", r["config"]) == b["config"] and \
+                        r["config"] not in names:
+                    names.append(r["config"])
+            rows += [(b, n) for n in sorted(names, key=len)]
+        for b, name in rows:
+            rs = [r for r in raw["restore"] if r["size"] == b["size"] and r["config"] == name]
+            variant = name != b["config"]
             mbps = [r.get("mb_per_s") for r in rs]
             peer = b["config"].replace("walship", "litestream")
             prs = [r.get("mb_per_s") for r in raw["restore"] if r["size"] == b["size"] and
@@ -1322,13 +1349,17 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
             vs = (median(mbps) / median(prs) if b["config"].startswith("walship") and
                   median(prs) and median(mbps) else None)
             ver = [r.get("verified") for r in rs if "verified" in r]
-            L.append(f"| {b['size']} | {b['config']} | "
+            L.append(f"| {b['size']} | {name} | "
                      f"{rng_str([r['seconds'] for r in rs if r['exit'] == 0], 2)} | "
                      f"{rng_str(mbps, 0)} | {fmt(vs, 2, '×') if vs else ''} | "
                      f"{rng_str([r['maxrss_mib'] for r in rs], 0)} | "
-                     f"{fmt(b['replicate_maxrss_mib'], 0)} | {b['objects']} | "
-                     f"{fmt(b['snapshot_replica_ratio'], 2)} | {fmt(b['replica_ratio'], 2)} | "
+                     f"{fmt(b['replicate_maxrss_mib'], 0) if not variant else '″'} | "
+                     f"{b['objects'] if not variant else '″'} | "
+                     f"{fmt(b['snapshot_replica_ratio'], 2) if not variant else '″'} | "
+                     f"{fmt(b['replica_ratio'], 2) if not variant else '″'} | "
                      f"{'yes' if ver and all(ver) else 'NO' if ver else '–'} |")
+            if variant:
+                continue
             if b["config"].startswith("walship"):
                 if vs is not None:
                     targets.append((f"restore speed vs Litestream ({b['size']}, {b['config']})",
@@ -1359,8 +1390,9 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                 L.append(f"- S3 server ceiling ({b['size']}): a plain GET of the "
                          f"{c['object_mb']:.0f} MB snapshot object from moto runs at "
                          f"{c['mb_per_s_1']:.0f} MB/s in one stream and "
-                         f"{c['mb_per_s_4']:.0f} MB/s in 4 ranged streams (wire bytes; "
-                         "compressed objects make the database MB/s higher).")
+                         f"{c['mb_per_s_4']:.0f} MB/s in 4 ranged streams, and one 4 MiB ranged "
+                         f"GET of it takes {c.get('range_4mib_ms', float('nan')):.0f} ms "
+                         "(wire bytes; compressed objects make the database MB/s higher).")
         L.append("")
         L.append("## 6. Snapshot cost\n")
         L.append("The writer (small transactions, max rate) runs on the big database; the "
@@ -1510,8 +1542,12 @@ def main() -> int:
         elif args.smoke:
             out = work / "results.md"
         else:
-            out = BENCHES / "results" / (dt.date.today().isoformat() +
-                                         ("" if profile == "full" else f"-{profile}") + ".md")
+            stem = dt.date.today().isoformat() + ("" if profile == "full" else f"-{profile}")
+            out = BENCHES / "results" / f"{stem}.md"
+            n = 1
+            while out.exists():  # never overwrite an earlier run's results
+                n += 1
+                out = BENCHES / "results" / f"{stem}-{n}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
         raw = {"profile": profile, "machine": info, "elapsed_s": elapsed, **h.raw}

@@ -77,7 +77,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {x["config"] for x in raw["big"]} == configs
     for x in raw["big"]:
         assert x["replicate_exit"] == 0 and x["objects"] >= 2 and x["snapshot_s"] > 0, x
-    assert {x["config"] for x in raw["restore"]} == configs
+    assert {x["base"] for x in raw["restore"]} == configs
     for x in raw["restore"]:
         assert x["exit"] == 0 and x["verified"] is True and x["mb_per_s"] > 0, x
 
