@@ -436,7 +436,8 @@ def machine_info(walship_bin: Path, litestream_bin: str | None, rev: str | None)
 class Moto:
     """moto_server on 127.0.0.1; counts requests from its access log."""
 
-    LINE = re.compile(r'"(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP/[\d.]+" (\d{3})')
+    LINE = re.compile(r'\[(\d\d/\w{3}/\d{4} \d\d:\d\d:\d\d)\] '
+                      r'"(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP/[\d.]+" (\d{3})')
 
     def __init__(self, exe: str, work: Path, name: str):
         self.port = free_port()
@@ -471,8 +472,9 @@ class Moto:
             text = f.read().decode(errors="replace")
         text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # werkzeug colours some status lines
         counts: dict[str, int] = {}
+        times: list[float] = []
         for m in self.LINE.finditer(text):
-            method, path = m.group(1), m.group(2)
+            method, path = m.group(2), m.group(3)
             if path.startswith("/moto-api"):
                 continue
             if not path.startswith(f"/{bucket}"):
@@ -482,7 +484,10 @@ class Moto:
             else:
                 kind = method
             counts[kind] = counts.get(kind, 0) + 1
+            # werkzeug logs local time, to the second
+            times.append(time.mktime(time.strptime(m.group(1), "%d/%b/%Y %H:%M:%S")))
         counts["total"] = sum(counts.values())
+        self.last_times = times
         return counts
 
     def keys(self, bucket: str, prefix: str) -> list[tuple[str, int]]:
@@ -577,6 +582,7 @@ class DirWatch:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         self.wds: dict[int, Path] = {}
         self.counts = {"list": 0, "read": 0, "write": 0, "delete": 0}
+        self.times: list[float] = []
         self.lock = threading.Lock()
         self.stopped = False
         for root, dirs, _ in os.walk(path):
@@ -587,6 +593,7 @@ class DirWatch:
         time.sleep(0.5)
         with self.lock:
             self.counts = dict.fromkeys(self.counts, 0)
+            self.times = []
 
     def _add(self, p: Path) -> None:
         wd = self.libc.inotify_add_watch(self.fd, str(p).encode(), self.MASK)
@@ -611,6 +618,9 @@ class DirWatch:
                 with self.lock:
                     if mask & self.IN_CREATE and isdir and wd in self.wds:
                         self._add(self.wds[wd] / name)
+                    if mask & (self.IN_OPEN | self.IN_CREATE | self.IN_MOVED_TO |
+                               self.IN_DELETE):
+                        self.times.append(time.time())
                     if mask & self.IN_OPEN:
                         self.counts["list" if isdir else "read"] += 1
                     if not isdir and mask & (self.IN_CREATE | self.IN_MOVED_TO):
@@ -1201,10 +1211,15 @@ class Harness:
             c1 = cpu_ticks(r["proc"].pid)
             if r["moto"]:
                 req = r["moto"].requests_since(r["m0"], r["rep"].bucket, r["rep"].prefix)
+                when = r["moto"].last_times
             else:
                 req = diff_counts(r["w0"], watches[r["tag"]].snapshot())
+                when = list(watches[r["tag"]].times)
+            # When they came, in whole seconds after the idle period began (burst ended
+            # idle_settle seconds before that).
+            when = sorted({int(t - t0) for t in when if t >= t0 - 1})
             e = stop(r["proc"])
-            rec = {"config": r["name"], "idle_s": window, "requests": req,
+            rec = {"config": r["name"], "idle_s": window, "requests": req, "at_s": when,
                    "cpu_pct": (100 * (c1 - r["c0"]) / window
                                if c1 is not None and r["c0"] is not None else None),
                    "exit": e.rc, "maxrss_mib": mib(e)}
@@ -1218,6 +1233,21 @@ class Harness:
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def at_str(xs) -> str:
+    """Seconds as compact runs: [1, 2, 3, 300] -> "1–3, 300"."""
+    if not xs:
+        return "–"
+    runs, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x <= prev + 1:
+            prev = x
+            continue
+        runs.append(f"{start}" if start == prev else f"{start}–{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(runs[:12]) + (" …" if len(runs) > 12 else "")
 
 
 def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
@@ -1418,13 +1448,14 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                  "moto server's access log (one server per replicator). file://: operations "
                  "on the replica directory counted with inotify (list = directory opened, "
                  "read/write/delete = files).\n")
-        L.append("| config | idle s | requests | by kind | replicator CPU % |")
-        L.append("| --- | --- | --- | --- | --- |")
+        L.append("| config | idle s | requests | by kind | at (s into the idle period) | "
+                 "replicator CPU % |")
+        L.append("| --- | --- | --- | --- | --- | --- |")
         for r in raw["idle"]:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["requests"].items())
                               if k != "total") or "–"
             L.append(f"| {r['config']} | {r['idle_s']:.0f} | {r['requests']['total']} | "
-                     f"{kinds} | {fmt(r['cpu_pct'], 2)} |")
+                     f"{kinds} | {at_str(r.get('at_s'))} | {fmt(r['cpu_pct'], 2)} |")
             if r["config"].startswith("walship"):
                 targets.append((f"requests while idle ({r['config']})", "0",
                                 str(r["requests"]["total"]), r["requests"]["total"] == 0))
