@@ -350,6 +350,8 @@ struct Replicator {
     last_handoff: Instant,
     /// (epoch, frames) at the last handoff: none again until the WAL moved on.
     handoff_at: (u32, u32),
+    /// Frames the last round shipped: a measure of the write load.
+    last_round_frames: u32,
     last_sync: Instant,
     /// Set by file notifications at the first WAL change after it was last taken.
     dirty: Arc<AtomicI64>,
@@ -519,7 +521,8 @@ impl Replicator {
             last_snapshot: Instant::now(),
             changed_since_snapshot: false,
             last_handoff: Instant::now(),
-            handoff_at: (u32::MAX, u32::MAX),
+            handoff_at: (u32::MAX, 0),
+            last_round_frames: 0,
             last_sync: Instant::now(),
             dirty,
             pending_since: None,
@@ -1009,7 +1012,11 @@ impl Replicator {
                 _ = tick.tick() => {}
                 _ = self.wake.notified() => {
                     let since = self.last_sync.elapsed();
-                    if since < self.opts.min_sync_gap {
+                    // Under a heavy write load, ship (and checkpoint) at once: a WAL that
+                    // outgrows the app's autocheckpoint threshold makes every commit pay
+                    // for a checkpoint attempt that our pin keeps from finishing.
+                    let heavy = self.last_round_frames >= (self.opts.checkpoint_frames / 4).max(1);
+                    if since < self.opts.min_sync_gap && !heavy {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             _ = tokio::time::sleep(self.opts.min_sync_gap - since) => {}
@@ -1079,11 +1086,20 @@ impl Replicator {
                 path: self.db_path.clone(),
             });
         }
+        let before = (self.tail.epoch, self.tail.frames());
         self.sync_once().await?;
+        self.last_round_frames = if before.0 == self.tail.epoch {
+            self.tail.frames().saturating_sub(before.1)
+        } else {
+            self.tail.frames()
+        };
+        // At most one handoff per `checkpoint_frames` new frames of an incarnation (an app
+        // reader can keep a checkpoint from finishing; retrying every round would only churn
+        // the write lock).
+        let (he, hf) = self.handoff_at;
         if self.tail.frames() >= self.opts.checkpoint_frames
-            && self.handoff_at != (self.tail.epoch, self.tail.frames())
-            && (self.last_handoff.elapsed() >= self.opts.sync_interval * 5
-                || self.tail.frames() >= self.opts.checkpoint_frames.saturating_mul(10))
+            && (he != self.tail.epoch
+                || self.tail.frames() >= hf.saturating_add(self.opts.checkpoint_frames))
         {
             self.handoff().await?;
         }
