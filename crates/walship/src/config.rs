@@ -31,6 +31,13 @@ pub const CONFIG_VERSION: u32 = 1;
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawConfig {
     version: u32,
+    /// Address of the status server (`--listen`).
+    listen: Option<String>,
+    /// Webhook URLs for alerts (`--webhook`).
+    #[serde(default)]
+    webhook: Vec<String>,
+    /// Bearer token of the admin API (`WALSHIP_API_TOKEN`); use `${VAR}`.
+    api_token: Option<String>,
     #[serde(default)]
     db: Vec<RawDb>,
 }
@@ -137,6 +144,22 @@ impl Default for Defaults {
 pub struct Config {
     /// The databases, in file order.
     pub dbs: Vec<DbConfig>,
+    /// `listen`: address of the status server.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `webhook`: alert URLs.
+    pub webhooks: Vec<String>,
+    /// `api-token`: the admin API's bearer token.
+    pub api_token: Option<ApiToken>,
+}
+
+/// A token that never prints.
+#[derive(Clone)]
+pub struct ApiToken(pub String);
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
 }
 
 /// One `[[db]]`.
@@ -403,7 +426,23 @@ impl Config {
                 replicas,
             });
         }
-        Ok(Config { dbs })
+        let listen = match raw.listen.as_deref() {
+            None | Some("") => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                anyhow!("listen: `{a}` is not an address and port (for example 127.0.0.1:9090)")
+            })?),
+        };
+        for (i, w) in raw.webhook.iter().enumerate() {
+            if !(w.starts_with("http://") || w.starts_with("https://")) {
+                bail!("webhook[{i}]: not an http(s) URL");
+            }
+        }
+        Ok(Config {
+            dbs,
+            listen,
+            webhooks: raw.webhook,
+            api_token: raw.api_token.filter(|t| !t.is_empty()).map(ApiToken),
+        })
     }
 
     /// Every (database, replica) pair.
@@ -676,6 +715,34 @@ mod tests {
         let s = format!("{e:#}");
         assert!(!s.contains('\n'), "one line: {s}");
         s
+    }
+
+    #[test]
+    fn server_keys_are_read_checked_and_the_token_never_prints() {
+        let c = parse(
+            r#"version = 1
+listen = "127.0.0.1:9090"
+webhook = ["https://hooks.example.com/x"]
+api-token = "${R2_SECRET}"
+[[db]]
+path = "/data/app.db"
+[[db.replica]]
+url = "file:///backups/app"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(c.webhooks, vec!["https://hooks.example.com/x".to_string()]);
+        assert_eq!(c.api_token.as_ref().map(|t| t.0.as_str()), Some("s3cr3t"));
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+        let e = err(r#"version = 1
+listen = "nine thousand"
+[[db]]
+path = "/data/app.db"
+[[db.replica]]
+url = "file:///backups/app"
+"#);
+        assert!(e.starts_with("listen:"), "{e}");
     }
 
     const MINIMAL: &str = r#"

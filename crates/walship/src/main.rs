@@ -209,7 +209,7 @@ async fn open_configured(r: &config::ReplicaConfig) -> Result<Replica> {
 }
 
 /// The pairs `replicate` runs: from the config file, or the positional DB and REPLICA_URL.
-async fn replicate_pairs(a: &ReplicateArgs) -> Result<Vec<Pair>> {
+async fn replicate_pairs(a: &mut ReplicateArgs) -> Result<Vec<Pair>> {
     let defaults = config::Defaults {
         sync_interval: a.sync_interval.0,
         snapshot_interval: a.snapshot_interval.0,
@@ -223,6 +223,16 @@ async fn replicate_pairs(a: &ReplicateArgs) -> Result<Vec<Pair>> {
             bail!("give either --config (or WALSHIP_CONFIG) or DB REPLICA_URL, not both");
         }
         let cfg = config::Config::load(&path, &defaults)?;
+        // Server settings from the file, unless given on the command line.
+        if a.http.listen.is_none() {
+            a.http.listen = cfg.listen;
+        }
+        if a.http.webhooks.is_empty() {
+            a.http.webhooks = cfg.webhooks.clone();
+        }
+        if a.http.api_token.is_none() && a.http.api_token_file.is_none() {
+            a.http.api_token = cfg.api_token.as_ref().map(|t| t.0.clone());
+        }
         let mut pairs = Vec::new();
         for d in &cfg.dbs {
             for r in &d.replicas {
@@ -298,8 +308,8 @@ async fn check_reachable(pairs: &[Pair]) -> Result<()> {
 
 type TaskResult = Result<walship_engine::EngineResult<()>, tokio::task::JoinError>;
 
-async fn replicate(a: ReplicateArgs) -> Result<ExitCode> {
-    let pairs = replicate_pairs(&a).await?;
+async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
+    let pairs = replicate_pairs(&mut a).await?;
     check_reachable(&pairs).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;
