@@ -309,12 +309,14 @@ async fn check_reachable(pairs: &[Pair]) -> Result<()> {
 type TaskResult = Result<walship_engine::EngineResult<()>, tokio::task::JoinError>;
 
 async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
-    let pairs = replicate_pairs(&mut a).await?;
-    check_reachable(&pairs).await?;
+    // Handlers first: a SIGTERM that arrives while the replicas are being checked must lead
+    // to a clean start-and-stop (final sync, exit 0), not to death by the default action.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("install SIGINT handler")?;
+    let pairs = replicate_pairs(&mut a).await?;
+    check_reachable(&pairs).await?;
     // One token stops every replicator; each runs in its own task and span.
     let cancel = CancellationToken::new();
     let mut handles = Vec::new();
