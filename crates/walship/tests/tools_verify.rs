@@ -243,6 +243,12 @@ fn the_daemon_verifies_on_schedule_and_records_schema_changes() {
         create_db(&db);
         insert(&db, 1, 30);
         let log = dir.path().join(format!("{name}.log"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
         let rep = Replicator::start(
             &db,
             &url,
@@ -255,6 +261,8 @@ fn the_daemon_verifies_on_schedule_and_records_schema_changes() {
                 "2s",
                 "--state-dir",
                 state.to_str().unwrap(),
+                "--listen",
+                listen.as_str(),
             ],
             &log,
         );
@@ -274,6 +282,16 @@ fn the_daemon_verifies_on_schedule_and_records_schema_changes() {
         wait_for("a schema run", &log, Duration::from_secs(30), || {
             history(&db, &state).iter().any(|r| r["kind"] == "schema")
         });
+        // /health shows the last verification.
+        let health: serde_json::Value = serde_json::from_str(
+            &reqwest::blocking::get(format!("http://{listen}/health"))
+                .unwrap()
+                .text()
+                .unwrap(),
+        )
+        .unwrap();
+        let lv = &health["databases"][0]["last_verify"];
+        assert_eq!(lv["result"], "ok", "{health}");
         let st = rep.terminate(Duration::from_secs(20));
         assert!(st.success(), "replicate failed: {}", tail(&log));
         let runs = history(&db, &state);

@@ -100,6 +100,16 @@ fn db_health_json(d: &DbState, h: &DbHealth) -> Value {
         m.insert("name".into(), json!(d.db.name));
         m.insert("path".into(), json!(d.db.path.display().to_string()));
         m.insert("replica".into(), json!(d.db.replica_url));
+        // The last verification (`walship replicate --verify-interval`), from the history.
+        let last_verify = d
+            .history
+            .recent_with(&[], 500)
+            .into_iter()
+            .find(|r| r.kind == super::history::RunKind::Verify)
+            .map(
+                |r| json!({"time": r.end.unwrap_or(r.start), "result": r.result, "error": r.error}),
+            );
+        m.insert("last_verify".into(), last_verify.unwrap_or(Value::Null));
     }
     v
 }
