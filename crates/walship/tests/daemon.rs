@@ -975,10 +975,18 @@ fn a_replicator_restarted_after_kill_9_takes_its_own_lease_back_at_once() {
     let d = dir.path();
     let db = d.join("app.db");
     create_db(&db);
-    // The app stays up across the replicator's crash (its last connection closing would
-    // checkpoint and remove the WAL, and rightly start a new generation).
-    let _app = Connection::open(&db).unwrap();
-    insert_rows(&db, 1, 20);
+    // The app stays up across the replicator's crash and writes through one connection that
+    // it never closes: a last connection closing while no replicator holds the database
+    // would checkpoint and remove the WAL, and rightly start a new generation.
+    let app = Connection::open(&db).unwrap();
+    app.busy_timeout(Duration::from_secs(5)).unwrap();
+    let insert = |from: i64, to: i64| {
+        for i in from..to {
+            app.execute("INSERT INTO t(id, v) VALUES (?1, randomblob(200))", [i])
+                .unwrap();
+        }
+    };
+    insert(1, 20);
     let url = file_url(&d.join("rep"));
     let args = [
         "replicate",
@@ -994,14 +1002,14 @@ fn a_replicator_restarted_after_kill_9_takes_its_own_lease_back_at_once() {
     wait_until(Duration::from_secs(20), "a snapshot", &log, || {
         snapshots_in(&url) > 0
     });
-    insert_rows(&db, 20, 40);
+    insert(20, 40);
     std::thread::sleep(Duration::from_millis(400));
     rep.kill9();
     // The lease would last an hour, but its holder is provably gone: no wait, and the
     // generation continues.
     let t0 = Instant::now();
     let rep = start(&args, &log);
-    insert_rows(&db, 40, 60);
+    insert(40, 60);
     wait_until(
         Duration::from_secs(10),
         "the restarted replicator",
