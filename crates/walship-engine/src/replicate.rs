@@ -347,7 +347,6 @@ struct Replicator {
     lease_lost: Option<(String, String)>,
     last_snapshot: Instant,
     changed_since_snapshot: bool,
-    last_handoff: Instant,
     /// (epoch, frames) at the last handoff: none again until the WAL moved on.
     handoff_at: (u32, u32),
     /// Frames the last round shipped: a measure of the write load.
@@ -520,7 +519,6 @@ impl Replicator {
             lease_lost: None,
             last_snapshot: Instant::now(),
             changed_since_snapshot: false,
-            last_handoff: Instant::now(),
             handoff_at: (u32::MAX, 0),
             last_round_frames: 0,
             last_sync: Instant::now(),
@@ -955,7 +953,6 @@ impl Replicator {
             db.unlock()
         })
         .await??;
-        self.last_handoff = Instant::now();
         self.handoff_at = (self.tail.epoch, self.tail.frames());
         r
     }
