@@ -1,8 +1,10 @@
 //! The replicator's connections to the live database.
 //!
-//! Three connections, none of which ever writes:
-//! - `reader` holds the **pin**: an open read transaction, so SQLite cannot restart the WAL
-//!   past frames walship has not shipped (see docs/ARCHITECTURE.md, "The pin protocol");
+//! Four connections, none of which ever writes:
+//! - `readers[0]` and `readers[1]` hold the **pin**, one at a time: an open read
+//!   transaction, so SQLite cannot restart the WAL past frames walship has not shipped (see
+//!   docs/ARCHITECTURE.md, "The pin protocol"). Two, so the pin can move forward without a
+//!   moment unpinned: the next one is taken before the last one is let go;
 //! - `locker` takes the WAL write lock (`BEGIN IMMEDIATE`) for the short handoff around a
 //!   checkpoint, so no frame is appended while the pin is re-taken;
 //! - `ckpt` runs checkpoints.
@@ -75,10 +77,11 @@ pub struct Db {
     /// that would silently release SQLite's shared lock and let an app that closes its last
     /// connection checkpoint and delete the WAL under the pin.
     file: Arc<File>,
-    reader: Connection,
+    readers: [Connection; 2],
     locker: Connection,
     ckpt: Connection,
-    pinned: bool,
+    /// Which of `readers` holds the pin, if any.
+    pinned: Option<usize>,
     locked: bool,
 }
 
@@ -129,16 +132,19 @@ impl Db {
             }
             tracing::info!(db = %path.display(), "switched database to WAL mode");
         }
-        let reader = open_conn(path, Duration::from_secs(5))?;
+        let readers = [
+            open_conn(path, Duration::from_secs(5))?,
+            open_conn(path, Duration::from_secs(5))?,
+        ];
         let locker = open_conn(path, Duration::from_millis(200))?;
         Ok(Db {
             path: path.to_path_buf(),
             id,
             file,
-            reader,
+            readers,
             locker,
             ckpt,
-            pinned: false,
+            pinned: None,
             locked: false,
         })
     }
@@ -163,39 +169,45 @@ impl Db {
         FileId::of(&self.path) == Some(self.id)
     }
 
-    /// Takes the pin: an open read transaction on `reader`.
+    /// Takes the pin: an open read transaction on one of `readers`.
     pub fn pin(&mut self) -> EngineResult<()> {
-        if self.pinned {
+        if self.pinned.is_some() {
             return Ok(());
         }
-        self.reader
-            .execute_batch("BEGIN DEFERRED")
-            .map_err(|e| EngineError::sqlite("begin pin", e))?;
-        let r: rusqlite::Result<i64> =
-            self.reader
-                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0));
-        if let Err(e) = r {
-            let _ = self.reader.execute_batch("ROLLBACK");
-            return Err(EngineError::sqlite("take pin (read transaction)", e));
-        }
-        self.pinned = true;
+        begin_read(&self.readers[0])?;
+        self.pinned = Some(0);
         Ok(())
+    }
+
+    /// Moves the pin to the WAL's current end: takes a read transaction on the other reader
+    /// first, then ends the old one, so the WAL is never unpinned in between. Which read
+    /// mark the new transaction gets is SQLite's choice; the caller makes sure it cannot be
+    /// the "WAL ignored" one (see `Replicator::maybe_advance_pin`).
+    pub fn advance_pin(&mut self) -> EngineResult<()> {
+        let Some(old) = self.pinned else {
+            return self.pin();
+        };
+        let next = 1 - old;
+        begin_read(&self.readers[next])?;
+        self.pinned = Some(next);
+        self.readers[old]
+            .execute_batch("ROLLBACK")
+            .map_err(|e| EngineError::sqlite("release the previous pin", e))
     }
 
     /// Releases the pin.
     pub fn unpin(&mut self) -> EngineResult<()> {
-        if !self.pinned {
+        let Some(i) = self.pinned.take() else {
             return Ok(());
-        }
-        self.pinned = false;
-        self.reader
+        };
+        self.readers[i]
             .execute_batch("ROLLBACK")
             .map_err(|e| EngineError::sqlite("release pin", e))
     }
 
     /// Whether the pin is held.
     pub fn is_pinned(&self) -> bool {
-        self.pinned
+        self.pinned.is_some()
     }
 
     /// Takes the WAL write lock, waiting up to `timeout`. `Ok(false)` if another connection
@@ -263,6 +275,19 @@ impl Drop for Db {
     }
 }
 
+/// Starts a read transaction on `conn` and reads, so SQLite takes a read mark.
+fn begin_read(conn: &Connection) -> EngineResult<()> {
+    conn.execute_batch("BEGIN DEFERRED")
+        .map_err(|e| EngineError::sqlite("begin pin", e))?;
+    let r: rusqlite::Result<i64> =
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0));
+    if let Err(e) = r {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(EngineError::sqlite("take pin (read transaction)", e));
+    }
+    Ok(())
+}
+
 /// The WAL path of a database.
 pub fn wal_path(db: &Path) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
@@ -310,6 +335,62 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let err = Db::open(&dir.path().join("nope.db"), false).expect_err("missing");
         assert!(matches!(err, EngineError::MissingDatabase { .. }));
+    }
+
+    fn passive(app: &Connection) -> (i64, i64, i64) {
+        app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .expect("ckpt")
+    }
+
+    #[test]
+    fn an_advanced_pin_lets_checkpoints_reach_it_but_never_lets_the_wal_restart() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = wal_db(dir.path());
+        let app = Connection::open(&p).expect("app");
+        app.busy_timeout(Duration::from_millis(50)).expect("busy");
+        app.pragma_update(None, "wal_autocheckpoint", 0).expect("autockpt");
+        app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("truncate");
+        let mut db = Db::open(&p, false).expect("open");
+        // A pin taken on a completely checkpointed WAL is on mark 0: no checkpoint can copy
+        // anything while it is held.
+        db.pin().expect("pin");
+        for i in 0..5 {
+            app.execute("INSERT INTO t VALUES (?1)", [i]).expect("insert");
+        }
+        let (_, log, done) = passive(&app);
+        assert!(log >= 5, "{log}");
+        assert_eq!(done, 0, "mark 0 blocks every checkpoint");
+        // Moved forward, the pin lets checkpoints copy up to it, not past it.
+        db.advance_pin().expect("advance");
+        assert!(db.is_pinned());
+        for i in 5..10 {
+            app.execute("INSERT INTO t VALUES (?1)", [i]).expect("insert");
+        }
+        let (_, log2, done2) = passive(&app);
+        assert_eq!(done2, log, "copied up to the pin");
+        assert!(log2 > done2, "not past it");
+        // And the WAL cannot restart under it.
+        let (busy, _, _): (i64, i64, i64) = app
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("ckpt");
+        assert_eq!(busy, 1, "a pinned WAL must not be truncated");
+        // Advancing again moves the mark to the end; releasing lets everything go.
+        db.advance_pin().expect("advance");
+        let (_, log3, done3) = passive(&app);
+        assert_eq!(done3, log3);
+        db.unpin().expect("unpin");
+        assert!(!db.is_pinned());
+        let (busy, _, _): (i64, i64, i64) = app
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("ckpt");
+        assert_eq!(busy, 0);
     }
 
     #[test]

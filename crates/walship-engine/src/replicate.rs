@@ -38,8 +38,8 @@ pub struct ReplicateOptions {
     pub min_sync_gap: Duration,
     /// A new snapshot after this long, if the database changed. Default 5 minutes.
     pub snapshot_interval: Duration,
-    /// Hand the pin off around a PASSIVE checkpoint once the WAL holds this many frames.
-    /// Default 1000.
+    /// Hand the pin off around a PASSIVE checkpoint once the WAL holds this many frames (and
+    /// at most once per `sync_interval`). Default 1000.
     pub checkpoint_frames: u32,
     /// How long to wait for the app's writer when taking the write lock for a handoff.
     /// Default 1 s.
@@ -340,7 +340,8 @@ struct Replicator {
     status: watch::Sender<Status>,
     cmds: mpsc::Receiver<Command>,
     wake: Arc<Notify>,
-    _watcher: Option<notify::RecommendedWatcher>,
+    /// Wakes the loop on WAL changes; `None`: polling only.
+    watcher: Option<Watcher>,
     /// The replica's lease, when fencing is on.
     lease: Option<Lease>,
     /// Set when the lease was lost (replica, new holder): the replicator stops.
@@ -349,8 +350,14 @@ struct Replicator {
     changed_since_snapshot: bool,
     /// (epoch, frames) at the last handoff: none again until the WAL moved on.
     handoff_at: (u32, u32),
-    /// Frames the last round shipped: a measure of the write load.
-    last_round_frames: u32,
+    /// When the last handoff ran.
+    last_handoff: Instant,
+    /// Transactions shipped since the current pin's read mark is known to be behind the
+    /// shipped end (see `maybe_advance_pin`).
+    commits_past_pin: u32,
+    /// Set when the pin moved in this sync: its read mark is bounded only once the WAL has
+    /// been read after it.
+    pin_bound_pending: bool,
     last_sync: Instant,
     /// Set by file notifications at the first WAL change after it was last taken.
     dirty: Arc<AtomicI64>,
@@ -489,7 +496,7 @@ impl Replicator {
             None => (None, true),
         };
         let wake = Arc::new(Notify::new());
-        let watcher = watch_files(&db_path, wake.clone(), dirty.clone());
+        let watcher = watch_files(&db_path, wake.clone(), dirty.clone(), opts.min_sync_gap);
         let (end, newest) = replica_end(&replica).await?;
         let end = if force_new || !may_resume { None } else { end };
         let tail = Tail {
@@ -514,13 +521,15 @@ impl Replicator {
             status,
             cmds,
             wake,
-            _watcher: watcher,
+            watcher,
             lease,
             lease_lost: None,
             last_snapshot: Instant::now(),
             changed_since_snapshot: false,
             handoff_at: (u32::MAX, 0),
-            last_round_frames: 0,
+            last_handoff: Instant::now(),
+            commits_past_pin: 0,
+            pin_bound_pending: false,
             last_sync: Instant::now(),
             dirty,
             pending_since: None,
@@ -549,6 +558,8 @@ impl Replicator {
             establish(&mut db, timeout)
         })
         .await??;
+        self.commits_past_pin = 0;
+        self.pin_bound_pending = false;
         let after_segments = end.is_some_and(|e| e.header.kind == Kind::Segment);
         let resumed = end.and_then(|end| self.try_resume(&est, end));
         match resumed {
@@ -782,6 +793,7 @@ impl Replicator {
         if mark > 0 {
             self.pending_since = Some(self.pending_since.map_or(mark, |p| p.min(mark)));
         }
+        self.maybe_advance_pin().await?;
         let mut shipped = false;
         // A restart seen mid-way is handled by observing again.
         for _ in 0..3 {
@@ -822,6 +834,8 @@ impl Replicator {
                 }
             }
         }
+        // The WAL was read after the pin moved: its mark is behind the shipped end now.
+        self.pin_bound_pending = false;
         let now = now_ms();
         self.pending_since = None;
         let wal_bytes = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
@@ -833,6 +847,43 @@ impl Replicator {
             s.wal_bytes = wal_bytes;
         });
         Ok(shipped)
+    }
+
+    /// Moves the pin up to the WAL's end once two transactions were shipped past the bound of
+    /// its read mark.
+    ///
+    /// A read transaction either holds a read mark at some frame (which stops checkpoints
+    /// there and keeps the WAL from restarting) or, when the WAL was completely
+    /// checkpointed as it began, the "WAL ignored" mark 0 (which stops every checkpoint and
+    /// lets the next writer restart the WAL once: the clean pin a handoff leaves). A pin on
+    /// mark 0 costs the app dearly once its WAL passes the autocheckpoint threshold: every
+    /// commit then runs a checkpoint that sorts the whole WAL index and gives up. A pin on a
+    /// read mark costs it nothing (its checkpoints copy up to the mark and stop), and moving
+    /// it forward lets the app's checkpoints keep up, as they would without walship.
+    ///
+    /// The new transaction is taken before the old one ends, so the WAL is never unpinned,
+    /// and it can only get mark 0 if the WAL is completely checkpointed at that moment. It is
+    /// not: checkpoints stop at the old pin's mark, which is at or before the bound (the WAL
+    /// end read after the old pin was taken), and of two transactions shipped past the bound
+    /// the first had finished (a writer publishes its commit before the next can start), so
+    /// the WAL's committed end is past the old mark. The new mark itself is at or before the
+    /// end read right after it, which is what the next bound is.
+    async fn maybe_advance_pin(&mut self) -> EngineResult<()> {
+        if self.pin_bound_pending || self.commits_past_pin < 2 {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            db.lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?
+                .advance_pin()
+        })
+        .await??;
+        self.commits_past_pin = 0;
+        self.pin_bound_pending = true;
+        // A pin on a read mark keeps the WAL from restarting: a restart seen now is a break.
+        self.tail.clean_pin_at = None;
+        Ok(())
     }
 
     /// After the database file was replaced or recreated, opens the new one.
@@ -910,6 +961,9 @@ impl Replicator {
         for f in &scan.frames {
             self.tail.overlay.insert(f.pgno, *f);
         }
+        if !self.pin_bound_pending {
+            self.commits_past_pin = self.commits_past_pin.saturating_add(scan.commits);
+        }
         self.tail.chain = Some(scan.chain);
         self.tail.position = end;
         self.tail.pos_state = wal;
@@ -929,8 +983,20 @@ impl Replicator {
     }
 
     /// Hands the pin off around a PASSIVE checkpoint: under the write lock, ship what is
-    /// left, release the pin, checkpoint, re-take the pin, release the lock.
+    /// left, release the pin, checkpoint, re-take the pin, release the lock. The pin then
+    /// sits on the completely checkpointed WAL, so the app's next write restarts it.
     async fn handoff(&mut self) -> EngineResult<()> {
+        // First copy back what can be copied without holding the app up: everything up to
+        // the pin, which is behind the shipped end. What is left for the locked part is
+        // what was committed since the last sync.
+        let db = self.db.clone();
+        let pre = tokio::task::spawn_blocking(move || {
+            db.lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?
+                .checkpoint(CheckpointMode::Passive)
+        })
+        .await??;
+        tracing::debug!(db = %self.span_db(), busy = pre.busy, log = pre.log, checkpointed = pre.checkpointed, "checkpoint up to the pin");
         let db = self.db.clone();
         let timeout = self.opts.lock_timeout;
         let got = tokio::task::spawn_blocking(move || {
@@ -940,10 +1006,12 @@ impl Replicator {
             db.lock(timeout)
         })
         .await??;
+        self.last_handoff = Instant::now();
         if !got {
             tracing::debug!(db = %self.span_db(), "app busy; checkpoint postponed");
             return Ok(());
         }
+        let t0 = Instant::now();
         let r = self.handoff_locked().await;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
@@ -953,6 +1021,8 @@ impl Replicator {
             db.unlock()
         })
         .await??;
+        let held_ms = t0.elapsed().as_millis() as u64;
+        tracing::debug!(db = %self.span_db(), held_ms, "write lock released");
         self.handoff_at = (self.tail.epoch, self.tail.frames());
         r
     }
@@ -992,6 +1062,8 @@ impl Replicator {
         })
         .await??;
         if let Some(res) = res {
+            self.commits_past_pin = 0;
+            self.pin_bound_pending = false;
             self.tail.clean_pin_at = Some((hdr.map(|h| (h.salt1, h.salt2)), self.tail.frames()));
             tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, "checkpoint");
             self.publish(|s| s.checkpoints += 1);
@@ -1000,7 +1072,16 @@ impl Replicator {
     }
 
     async fn run(mut self, cancel: CancellationToken) -> EngineResult<()> {
-        let mut tick = tokio::time::interval(self.opts.sync_interval);
+        // Without file notifications, poll the WAL as often as a sync may run.
+        let period = if self.watcher.is_some() {
+            self.opts.sync_interval
+        } else {
+            self.opts
+                .min_sync_gap
+                .max(Duration::from_millis(50))
+                .min(self.opts.sync_interval)
+        };
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut reply: Option<Command> = None;
@@ -1009,11 +1090,7 @@ impl Replicator {
                 _ = tick.tick() => {}
                 _ = self.wake.notified() => {
                     let since = self.last_sync.elapsed();
-                    // Under a heavy write load, ship (and checkpoint) at once: a WAL that
-                    // outgrows the app's autocheckpoint threshold makes every commit pay
-                    // for a checkpoint attempt that our pin keeps from finishing.
-                    let heavy = self.last_round_frames >= (self.opts.checkpoint_frames / 4).max(1);
-                    if since < self.opts.min_sync_gap && !heavy {
+                    if since < self.opts.min_sync_gap {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             _ = tokio::time::sleep(self.opts.min_sync_gap - since) => {}
@@ -1083,20 +1160,16 @@ impl Replicator {
                 path: self.db_path.clone(),
             });
         }
-        let before = (self.tail.epoch, self.tail.frames());
         self.sync_once().await?;
-        self.last_round_frames = if before.0 == self.tail.epoch {
-            self.tail.frames().saturating_sub(before.1)
-        } else {
-            self.tail.frames()
-        };
         // At most one handoff per `checkpoint_frames` new frames of an incarnation (an app
         // reader can keep a checkpoint from finishing; retrying every round would only churn
-        // the write lock).
+        // the write lock), and at most one per sync interval: each one makes the app wait for
+        // the write lock once, while the pin between them costs it nothing.
         let (he, hf) = self.handoff_at;
         if self.tail.frames() >= self.opts.checkpoint_frames
             && (he != self.tail.epoch
                 || self.tail.frames() >= hf.saturating_add(self.opts.checkpoint_frames))
+            && self.last_handoff.elapsed() >= self.opts.sync_interval
         {
             self.handoff().await?;
         }
@@ -1174,13 +1247,31 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
     Ok(Observed::Frames(s))
 }
 
-/// Watches the database's directory; any event on the database or its WAL wakes the loop.
+/// The file watcher's task; stops when dropped.
+#[derive(Debug)]
+struct Watcher(tokio::task::JoinHandle<()>);
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches the database's directory with inotify: a change of the WAL wakes the loop.
+///
+/// At most one wake-up per `gap`: after each one the task sleeps before it reads again, and
+/// meanwhile the kernel folds the WAL's modifications into the one event waiting in the
+/// queue. Reading every event as it comes would wake walship on every write the app makes,
+/// which a busy app pays for on a small machine.
+#[cfg(target_os = "linux")]
 fn watch_files(
     db_path: &Path,
     wake: Arc<Notify>,
     dirty: Arc<AtomicI64>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
+    gap: Duration,
+) -> Option<Watcher> {
+    use futures::StreamExt;
+    use inotify::{Inotify, WatchMask};
     let dir = db_path
         .parent()
         .map(Path::to_path_buf)
@@ -1192,30 +1283,49 @@ fn watch_files(
     };
     let wal_name = crate::db::wal_path(db_path)
         .file_name()
-        .map(|n| n.to_os_string());
-    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev
-            && ev
-                .paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == wal_name)
-        {
-            if matches!(
-                ev.kind,
-                notify::EventKind::Modify(_) | notify::EventKind::Create(_)
-            ) {
-                // The first change since the replicator last looked: the lag starts here.
-                let _ = dirty.compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
-            }
-            wake.notify_one();
-        }
-    })
-    .ok()?;
-    match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        Ok(()) => Some(w),
+        .map(|n| n.to_os_string())?;
+    let setup = || -> std::io::Result<_> {
+        let inotify = Inotify::init()?;
+        inotify.watches().add(
+            &dir,
+            WatchMask::MODIFY | WatchMask::CREATE | WatchMask::MOVED_TO,
+        )?;
+        inotify.into_event_stream(vec![0u8; 4096])
+    };
+    let mut events = match setup() {
+        Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "file notifications unavailable; polling only");
-            None
+            tracing::warn!(error = %e, dir = %dir.display(), "file notifications unavailable; polling only");
+            return None;
         }
-    }
+    };
+    let task = tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            let Ok(ev) = ev else {
+                // Overflow or a read error: wake up and look, as for a change.
+                wake.notify_one();
+                tokio::time::sleep(gap).await;
+                continue;
+            };
+            if ev.name.as_deref() != Some(wal_name.as_os_str()) {
+                continue;
+            }
+            // The first change since the replicator last looked: the lag starts here.
+            let _ = dirty.compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
+            wake.notify_one();
+            tokio::time::sleep(gap).await;
+        }
+    });
+    Some(Watcher(task))
+}
+
+/// Without inotify the loop polls (see `Replicator::run`).
+#[cfg(not(target_os = "linux"))]
+fn watch_files(
+    _db_path: &Path,
+    _wake: Arc<Notify>,
+    _dirty: Arc<AtomicI64>,
+    _gap: Duration,
+) -> Option<Watcher> {
+    None
 }

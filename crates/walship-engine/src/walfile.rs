@@ -51,6 +51,8 @@ pub struct Scan {
     pub db_pages: Option<u32>,
     /// Frames up to and including that commit, in order.
     pub frames: Vec<FrameRef>,
+    /// Commit frames among `frames`: how many transactions the scan found.
+    pub commits: u32,
     /// Set by the replicator when the scan is of a new WAL incarnation.
     pub header: Option<WalHeader>,
 }
@@ -69,6 +71,7 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
         chain,
         db_pages: None,
         frames: Vec::new(),
+        commits: 0,
         header: None,
     };
     let f = match File::open(path) {
@@ -103,6 +106,7 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
                 break;
             }
             out.frames.append(&mut pending);
+            out.commits += 1;
             out.chain = cur;
             out.db_pages = Some(fh.commit_size);
         }

@@ -274,3 +274,49 @@ async fn a_database_deleted_and_recreated_starts_a_new_generation() {
     assert_eq!(digest(&out), digest(&db));
     assert_eq!(digest(&out).0, 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_shipped_the_apps_checkpoints_are_not_held_up_by_the_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let app = Connection::open(&db).unwrap();
+    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    // A completely checkpointed WAL: the replicator's first pin lands on mark 0, which
+    // blocks every checkpoint of the app.
+    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let opts = ReplicateOptions {
+        // No handoff: only the pin's own moves are under test.
+        checkpoint_frames: 1_000_000,
+        ..fast_opts()
+    };
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    for _ in 0..3 {
+        for _ in 0..4 {
+            insert(&app, 1);
+        }
+        h.sync().await.unwrap();
+    }
+    // Everything the app committed before the last sync is shipped; the pin may hold
+    // checkpoints back only from what came after.
+    let (busy, log, done): (i64, i64, i64) = app
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(busy, 0);
+    assert!(log >= 12, "{log}");
+    assert!(done >= 8, "the pin kept the app's checkpoint at {done} of {log} frames");
+    // And nothing is lost across it.
+    insert(&app, 3);
+    h.sync().await.unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let out = dir.path().join("out.db");
+    restore_to(&s.plain, &out).await;
+    assert_eq!(digest(&out), digest(&db));
+}
