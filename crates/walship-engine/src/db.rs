@@ -13,7 +13,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
@@ -137,6 +137,9 @@ impl Db {
             open_conn(path, Duration::from_secs(5))?,
         ];
         let locker = open_conn(path, Duration::from_millis(200))?;
+        locker
+            .busy_handler(Some(retry_until_deadline))
+            .map_err(|e| EngineError::sqlite("set busy handler", e))?;
         Ok(Db {
             path: path.to_path_buf(),
             id,
@@ -216,10 +219,10 @@ impl Db {
         if self.locked {
             return Ok(true);
         }
-        self.locker
-            .busy_timeout(timeout)
-            .map_err(|e| EngineError::sqlite("set busy timeout", e))?;
-        match self.locker.execute_batch("BEGIN IMMEDIATE") {
+        LOCK_DEADLINE.with(|d| d.set(Some(Instant::now() + timeout)));
+        let r = self.locker.execute_batch("BEGIN IMMEDIATE");
+        LOCK_DEADLINE.with(|d| d.set(None));
+        match r {
             Ok(()) => {
                 self.locked = true;
                 Ok(true)
@@ -247,17 +250,29 @@ impl Db {
             .map_err(|e| EngineError::sqlite("release write lock", e))
     }
 
-    /// Runs a checkpoint on the checkpoint connection.
+    /// Runs a checkpoint on the checkpoint connection. A PASSIVE one never waits, so it is
+    /// retried for a few milliseconds while another connection's checkpoint holds the
+    /// checkpoint lock (an app whose WAL is past its autocheckpoint threshold tries one at
+    /// every commit).
     pub fn checkpoint(&mut self, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
-        self.ckpt
-            .query_row(mode.sql(), [], |r| {
-                Ok(CheckpointResult {
-                    busy: r.get::<_, i64>(0)? != 0,
-                    log: r.get(1)?,
-                    checkpointed: r.get(2)?,
+        let deadline = Instant::now() + Duration::from_millis(20);
+        loop {
+            let r = self
+                .ckpt
+                .query_row(mode.sql(), [], |r| {
+                    Ok(CheckpointResult {
+                        busy: r.get::<_, i64>(0)? != 0,
+                        log: r.get(1)?,
+                        checkpointed: r.get(2)?,
+                    })
                 })
-            })
-            .map_err(|e| EngineError::sqlite("checkpoint", e))
+                .map_err(|e| EngineError::sqlite("checkpoint", e))?;
+            // (1, -1, -1): the checkpoint lock was taken.
+            if !(r.busy && r.log < 0) || Instant::now() >= deadline {
+                return Ok(r);
+            }
+            std::thread::sleep(LOCK_RETRY);
+        }
     }
 
     /// The database's page size.
@@ -273,6 +288,30 @@ impl Drop for Db {
         let _ = self.unlock();
         let _ = self.unpin();
     }
+}
+
+/// Pause between two tries at a lock the app holds.
+const LOCK_RETRY: Duration = Duration::from_micros(50);
+
+thread_local! {
+    /// Until when `Db::lock` keeps trying (SQLite calls the busy handler on the thread that
+    /// waits).
+    static LOCK_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The write lock's busy handler: tries again every 50 µs until the deadline. SQLite's own
+/// handler backs off to tens of milliseconds between tries, and an app that writes back to
+/// back leaves the lock free only for microseconds between its transactions: it would
+/// almost never be caught free.
+fn retry_until_deadline(_count: i32) -> bool {
+    let Some(deadline) = LOCK_DEADLINE.with(|d| d.get()) else {
+        return false;
+    };
+    if Instant::now() >= deadline {
+        return false;
+    }
+    std::thread::sleep(LOCK_RETRY);
+    true
 }
 
 /// Starts a read transaction on `conn` and reads, so SQLite takes a read mark.

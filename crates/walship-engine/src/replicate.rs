@@ -27,6 +27,23 @@ use crate::retention::RetentionPolicy;
 use crate::snapshot::{db_pages_from_file, write_image};
 use crate::walfile::{self, FrameRef, Scan};
 
+/// Raw WAL bytes per segment object, beyond which a sync ships several: what an upload
+/// holds in memory stays flat however fast the app writes. (One transaction is never split,
+/// so a larger one makes a larger segment, streamed.)
+pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
+
+/// How soon to sync again after a handoff (see `Replicator::follow_up`).
+const FOLLOW_UP: Duration = Duration::from_millis(5);
+/// At most this many of them (reading the WAL only; nothing is sent while it is unchanged).
+const FOLLOW_UPS: u32 = 40;
+
+/// Frames per segment for this WAL (see [`SEGMENT_BYTES`]).
+fn segment_frames(h: &WalHeader) -> u32 {
+    u32::try_from(SEGMENT_BYTES / h.frame_size().max(1))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
 /// Settings of a replicator.
 #[derive(Debug, Clone)]
 pub struct ReplicateOptions {
@@ -358,6 +375,11 @@ struct Replicator {
     /// Set when the pin moved in this sync: its read mark is bounded only once the WAL has
     /// been read after it.
     pin_bound_pending: bool,
+    /// The pin moved since the last checkpoint walship ran.
+    pin_moved: bool,
+    /// A handoff left the pin on mark 0: sync again shortly, this many times at most, until
+    /// it moves.
+    follow_up: u32,
     last_sync: Instant,
     /// Set by file notifications at the first WAL change after it was last taken.
     dirty: Arc<AtomicI64>,
@@ -530,6 +552,8 @@ impl Replicator {
             last_handoff: Instant::now(),
             commits_past_pin: 0,
             pin_bound_pending: false,
+            pin_moved: false,
+            follow_up: 0,
             last_sync: Instant::now(),
             dirty,
             pending_since: None,
@@ -795,8 +819,10 @@ impl Replicator {
         }
         self.maybe_advance_pin().await?;
         let mut shipped = false;
-        // A restart seen mid-way is handled by observing again.
-        for _ in 0..3 {
+        // A restart seen mid-way is handled by observing again; a scan cut at the segment
+        // size by shipping the rest in further segments.
+        let mut restarts = 0;
+        loop {
             match self.observe().await? {
                 Observed::Nothing => break,
                 Observed::Break(reason) => {
@@ -826,11 +852,18 @@ impl Replicator {
                         tracing::debug!(db = %self.span_db(), epoch = self.tail.epoch, "WAL restarted; continuing");
                     }
                     if scan.frames.is_empty() {
+                        restarts += 1;
+                        if restarts >= 3 {
+                            break;
+                        }
                         continue;
                     }
+                    let more = scan.more;
                     self.ship(scan).await?;
                     shipped = true;
-                    break;
+                    if !more {
+                        break;
+                    }
                 }
             }
         }
@@ -881,6 +914,8 @@ impl Replicator {
         .await??;
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
+        self.pin_moved = true;
+        self.follow_up = 0;
         // A pin on a read mark keeps the WAL from restarting: a restart seen now is a break.
         self.tail.clean_pin_at = None;
         Ok(())
@@ -987,16 +1022,16 @@ impl Replicator {
     /// sits on the completely checkpointed WAL, so the app's next write restarts it.
     async fn handoff(&mut self) -> EngineResult<()> {
         // First copy back what can be copied without holding the app up: everything up to
-        // the pin, which is behind the shipped end. What is left for the locked part is
-        // what was committed since the last sync.
-        let db = self.db.clone();
-        let pre = tokio::task::spawn_blocking(move || {
-            db.lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?
-                .checkpoint(CheckpointMode::Passive)
-        })
-        .await??;
-        tracing::debug!(db = %self.span_db(), busy = pre.busy, log = pre.log, checkpointed = pre.checkpointed, "checkpoint up to the pin");
+        // the pin, which is behind the shipped end. The pin moves at most every other sync
+        // (see `maybe_advance_pin`), so three syncs bring it twice near the WAL's end, and
+        // what is left for the locked part is what was committed during the last copy.
+        self.checkpoint_to_pin().await?;
+        for _ in 0..3 {
+            self.sync_once().await?;
+            if self.pin_moved {
+                self.checkpoint_to_pin().await?;
+            }
+        }
         let db = self.db.clone();
         let timeout = self.opts.lock_timeout;
         let got = tokio::task::spawn_blocking(move || {
@@ -1027,14 +1062,35 @@ impl Replicator {
         r
     }
 
+    /// A PASSIVE checkpoint while pinned: copies the WAL back up to the pin, in walship's
+    /// process rather than in one of the app's commits (the app's own autocheckpoints then
+    /// find nothing to do up to the pin).
+    async fn checkpoint_to_pin(&mut self) -> EngineResult<()> {
+        self.pin_moved = false;
+        let t0 = Instant::now();
+        let db = self.db.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            db.lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?
+                .checkpoint(CheckpointMode::Passive)
+        })
+        .await??;
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, elapsed_ms, "checkpoint up to the pin");
+        Ok(())
+    }
+
     async fn handoff_locked(&mut self) -> EngineResult<()> {
         // Nothing can be appended now: ship the rest.
         let generation = self.tail.generation;
+        let t0 = Instant::now();
         self.sync_once().await?;
+        let ship_ms = t0.elapsed().as_millis() as u64;
         if self.tail.generation != generation {
             // The sync started a new generation, which took its own clean pin.
             return Ok(());
         }
+        let t1 = Instant::now();
         let db = self.db.clone();
         let wal_path = self.wal_path.clone();
         let tail = self.tail.clone();
@@ -1065,7 +1121,12 @@ impl Replicator {
             self.commits_past_pin = 0;
             self.pin_bound_pending = false;
             self.tail.clean_pin_at = Some((hdr.map(|h| (h.salt1, h.salt2)), self.tail.frames()));
-            tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, "checkpoint");
+            // Until the pin can move off mark 0 (two transactions of the app shipped), every
+            // commit past the app's autocheckpoint threshold pays for a futile checkpoint:
+            // look again soon rather than a sync gap later.
+            self.follow_up = FOLLOW_UPS;
+            let ckpt_ms = t1.elapsed().as_millis() as u64;
+            tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, ship_ms, ckpt_ms, "checkpoint");
             self.publish(|s| s.checkpoints += 1);
         }
         Ok(())
@@ -1088,6 +1149,9 @@ impl Replicator {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = tokio::time::sleep(FOLLOW_UP), if self.follow_up > 0 => {
+                    self.follow_up -= 1;
+                }
                 _ = self.wake.notified() => {
                     let since = self.last_sync.elapsed();
                     if since < self.opts.min_sync_gap {
@@ -1160,7 +1224,7 @@ impl Replicator {
                 path: self.db_path.clone(),
             });
         }
-        self.sync_once().await?;
+        let shipped = self.sync_once().await?;
         // At most one handoff per `checkpoint_frames` new frames of an incarnation (an app
         // reader can keep a checkpoint from finishing; retrying every round would only churn
         // the write lock), and at most one per sync interval: each one makes the app wait for
@@ -1172,8 +1236,16 @@ impl Replicator {
             && self.last_handoff.elapsed() >= self.opts.sync_interval
         {
             self.handoff().await?;
+        } else if self.pin_moved && self.tail.frames() >= self.opts.checkpoint_frames {
+            // Between handoffs the WAL grows past the app's autocheckpoint threshold; keep
+            // the copying back in walship's process.
+            self.checkpoint_to_pin().await?;
         }
-        if self.changed_since_snapshot
+        // A scheduled snapshot goes with the first sync after the interval that ships new
+        // frames: an idle database costs no request, and a restore replays at most one
+        // interval's worth of writes after its snapshot.
+        if shipped
+            && self.changed_since_snapshot
             && self.last_snapshot.elapsed() >= self.opts.snapshot_interval
         {
             self.write_snapshot().await?;
@@ -1217,7 +1289,7 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
     });
     if same {
         let chain = tail.chain.unwrap_or_else(|| FrameChain::from_header(&h));
-        let mut s = walfile::scan(wal_path, &h, chain, u32::MAX)
+        let mut s = walfile::scan(wal_path, &h, chain, segment_frames(&h))
             .map_err(|e| EngineError::io("read WAL", e))?;
         if s.frames.is_empty() {
             return Ok(Observed::Nothing);
@@ -1241,7 +1313,7 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
             h.salt1, h.checkpoint_seq
         )));
     }
-    let mut s = walfile::scan(wal_path, &h, FrameChain::from_header(&h), u32::MAX)
+    let mut s = walfile::scan(wal_path, &h, FrameChain::from_header(&h), segment_frames(&h))
         .map_err(|e| EngineError::io("read WAL", e))?;
     s.header = Some(h);
     Ok(Observed::Frames(s))
@@ -1257,12 +1329,14 @@ impl Drop for Watcher {
     }
 }
 
-/// Watches the database's directory with inotify: a change of the WAL wakes the loop.
+/// Watches the WAL with inotify: a change wakes the loop, at most once per `gap`.
 ///
-/// At most one wake-up per `gap`: after each one the task sleeps before it reads again, and
-/// meanwhile the kernel folds the WAL's modifications into the one event waiting in the
-/// queue. Reading every event as it comes would wake walship on every write the app makes,
-/// which a busy app pays for on a small machine.
+/// The WAL's watch is one-shot, re-armed after each event: while it is disarmed the kernel
+/// does no work for the app's writes, so a busy app pays for one event per `gap` rather
+/// than for one on every write (which costs a small machine a tenth of its write rate). It
+/// is re-armed before the loop is woken, so a write after the replicator looked always
+/// raises a new event. The directory is watched only for the WAL being created or renamed
+/// into place, which the app's writes do not raise.
 #[cfg(target_os = "linux")]
 fn watch_files(
     db_path: &Path,
@@ -1281,18 +1355,20 @@ fn watch_files(
     } else {
         dir
     };
-    let wal_name = crate::db::wal_path(db_path)
-        .file_name()
-        .map(|n| n.to_os_string())?;
+    let wal_path = crate::db::wal_path(db_path);
+    let wal_name = wal_path.file_name().map(|n| n.to_os_string())?;
+    let arm = move |w: &mut inotify::Watches| {
+        // A missing WAL is fine: the directory's watch sees it appear.
+        let _ = w.add(&wal_path, WatchMask::MODIFY | WatchMask::ONESHOT);
+    };
     let setup = || -> std::io::Result<_> {
         let inotify = Inotify::init()?;
-        inotify.watches().add(
-            &dir,
-            WatchMask::MODIFY | WatchMask::CREATE | WatchMask::MOVED_TO,
-        )?;
-        inotify.into_event_stream(vec![0u8; 4096])
+        let mut watches = inotify.watches();
+        watches.add(&dir, WatchMask::CREATE | WatchMask::MOVED_TO)?;
+        arm(&mut watches);
+        Ok((watches, inotify.into_event_stream(vec![0u8; 4096])?))
     };
-    let mut events = match setup() {
+    let (mut watches, mut events) = match setup() {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, dir = %dir.display(), "file notifications unavailable; polling only");
@@ -1301,15 +1377,16 @@ fn watch_files(
     };
     let task = tokio::spawn(async move {
         while let Some(ev) = events.next().await {
-            let Ok(ev) = ev else {
-                // Overflow or a read error: wake up and look, as for a change.
-                wake.notify_one();
-                tokio::time::sleep(gap).await;
-                continue;
-            };
-            if ev.name.as_deref() != Some(wal_name.as_os_str()) {
-                continue;
+            match ev {
+                // The WAL's own watch names no file; the directory's names the WAL.
+                Ok(ev)
+                    if ev.mask.contains(inotify::EventMask::MODIFY)
+                        || ev.name.as_deref() == Some(wal_name.as_os_str()) => {}
+                Ok(_) => continue,
+                // Overflow or a read error: look, as for a change.
+                Err(_) => {}
             }
+            arm(&mut watches);
             // The first change since the replicator last looked: the lag starts here.
             let _ = dirty.compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
             wake.notify_one();

@@ -53,6 +53,8 @@ pub struct Scan {
     pub frames: Vec<FrameRef>,
     /// Commit frames among `frames`: how many transactions the scan found.
     pub commits: u32,
+    /// The scan stopped at its limit: more committed frames may follow.
+    pub more: bool,
     /// Set by the replicator when the scan is of a new WAL incarnation.
     pub header: Option<WalHeader>,
 }
@@ -72,6 +74,7 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
         db_pages: None,
         frames: Vec::new(),
         commits: 0,
+        more: false,
         header: None,
     };
     let f = match File::open(path) {
@@ -103,6 +106,7 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
         });
         if fh.is_commit() {
             if out.frames.len() + pending.len() > limit as usize && !out.frames.is_empty() {
+                out.more = true;
                 break;
             }
             out.frames.append(&mut pending);

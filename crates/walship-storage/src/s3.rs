@@ -42,6 +42,8 @@ use crate::{
 const MIB: usize = 1 << 20;
 /// S3's smallest part (all but the last).
 const MIN_PART_SIZE: usize = 5 * MIB;
+/// Room past the threshold for the chunk that crosses it.
+const STREAM_SLACK: usize = MIB + 64 * 1024;
 /// S3's largest part.
 const MAX_PART_SIZE: usize = 5 * 1024 * MIB;
 /// S3's most parts in one upload.
@@ -119,7 +121,7 @@ pub struct S3Options {
     /// Address buckets in the path (`http://host/bucket/key`); `None` = true when an endpoint
     /// is given, false for AWS.
     pub force_path_style: Option<bool>,
-    /// Puts larger than this use a multipart upload. Default 16 MiB.
+    /// Puts larger than this use a multipart upload. Default 8 MiB.
     pub multipart_threshold: usize,
     /// Part size of multipart uploads, at least 5 MiB. Default 8 MiB.
     pub part_size: usize,
@@ -144,7 +146,7 @@ impl Default for S3Options {
             endpoint: None,
             region: None,
             force_path_style: None,
-            multipart_threshold: 16 * MIB,
+            multipart_threshold: 8 * MIB,
             part_size: 8 * MIB,
             sse: None,
             checksum: ChecksumMode::WhenRequired,
@@ -677,6 +679,9 @@ impl Parts {
                 Ok(Some(b.split_to(n)))
             }
             Parts::Stream { buf, stream, ended } => {
+                if buf.capacity() < size {
+                    buf.reserve(size + STREAM_SLACK - buf.len());
+                }
                 while buf.len() < size && !*ended {
                     match stream.next().await {
                         Some(chunk) => buf.extend_from_slice(&chunk?),
@@ -704,8 +709,8 @@ impl ObjectStore for S3Store {
             PutBody::Bytes(b) => self.put_multipart(key, Parts::Bytes(b), opts).await,
             PutBody::Stream(mut stream) => {
                 // Buffer up to the threshold to choose between one PutObject and a multipart
-                // upload.
-                let mut buf = BytesMut::new();
+                // upload, in one allocation (a doubling buffer would peak at twice the size).
+                let mut buf = BytesMut::with_capacity(self.multipart_threshold + STREAM_SLACK);
                 while buf.len() <= self.multipart_threshold {
                     match stream.next().await {
                         Some(chunk) => buf.extend_from_slice(&chunk?),

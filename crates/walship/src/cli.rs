@@ -251,7 +251,7 @@ pub struct ReplicateArgs {
     /// Longest delay between a commit and its upload.
     #[arg(long, default_value = "1s")]
     pub sync_interval: Dur,
-    /// Time between snapshots (only taken when the database changed).
+    /// Time between snapshots (one is taken with the first write after it).
     #[arg(long, default_value = "5m")]
     pub snapshot_interval: Dur,
     /// Checkpoint once the WAL holds this many frames.

@@ -279,7 +279,11 @@ fn the_daemon_verifies_on_schedule_and_records_schema_changes() {
         wait_for("a verify run", &log, Duration::from_secs(30), || {
             history(&db, &state).iter().any(|r| r["kind"] == "verify")
         });
+        // Scheduled snapshots go with writes: keep writing until the next one.
+        let mut next = 40;
         wait_for("a schema run", &log, Duration::from_secs(30), || {
+            insert(&db, next, next + 1);
+            next += 1;
             history(&db, &state).iter().any(|r| r["kind"] == "schema")
         });
         // /health shows the last verification.
