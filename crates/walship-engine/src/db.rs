@@ -389,7 +389,8 @@ mod tests {
         let p = wal_db(dir.path());
         let app = Connection::open(&p).expect("app");
         app.busy_timeout(Duration::from_millis(50)).expect("busy");
-        app.pragma_update(None, "wal_autocheckpoint", 0).expect("autockpt");
+        app.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("autockpt");
         app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .expect("truncate");
         let mut db = Db::open(&p, false).expect("open");
@@ -397,7 +398,8 @@ mod tests {
         // anything while it is held.
         db.pin().expect("pin");
         for i in 0..5 {
-            app.execute("INSERT INTO t VALUES (?1)", [i]).expect("insert");
+            app.execute("INSERT INTO t VALUES (?1)", [i])
+                .expect("insert");
         }
         let (_, log, done) = passive(&app);
         assert!(log >= 5, "{log}");
@@ -406,7 +408,8 @@ mod tests {
         db.advance_pin().expect("advance");
         assert!(db.is_pinned());
         for i in 5..10 {
-            app.execute("INSERT INTO t VALUES (?1)", [i]).expect("insert");
+            app.execute("INSERT INTO t VALUES (?1)", [i])
+                .expect("insert");
         }
         let (_, log2, done2) = passive(&app);
         assert_eq!(done2, log, "copied up to the pin");

@@ -174,6 +174,12 @@ impl EngineError {
         }
     }
 
+    /// True when a frame walship was reading was overwritten by a WAL restart.
+    pub fn is_wal_changed(&self) -> bool {
+        matches!(self, EngineError::Io { source, .. }
+            if source.get_ref().is_some_and(|e| e.is::<crate::walfile::WalChanged>()))
+    }
+
     /// True when trying again later can help (storage unavailable, SQLite busy).
     pub fn is_transient(&self) -> bool {
         match self {

@@ -177,8 +177,10 @@ impl Replica {
             .put_with(key, PutBody::Stream(stream), &opts)
             .await;
         let produced = producer.await?;
+        // A failed producer is the cause of a failed put: report it, typed.
+        let sent = produced.map_err(|e| EngineError::io("encode object", e))?;
         put?;
-        produced.map_err(|e| EngineError::io("encode object", e))
+        Ok(sent)
     }
 
     /// Puts with `if_none_match`. If the key exists, it is ours when its header is the one

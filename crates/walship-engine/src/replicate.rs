@@ -558,7 +558,18 @@ impl Replicator {
             dirty,
             pending_since: None,
         };
-        rep.begin(end, newest).await?;
+        // The first snapshot reads WAL frames a restart may overwrite when the pin sits on a
+        // completely checkpointed WAL (read mark 0): take the pin again and start over.
+        let mut tries = 0;
+        loop {
+            match rep.begin(end, newest).await {
+                Err(e) if e.is_wal_changed() && tries < 5 => {
+                    tries += 1;
+                    tracing::debug!(db = %rep.span_db(), error = %e, "WAL restarted during the first snapshot; again");
+                }
+                r => break r?,
+            }
+        }
         Ok(rep)
     }
 
@@ -673,8 +684,14 @@ impl Replicator {
         };
         tail.pos_state = tail.wal_state_now();
         tracing::info!(db = %self.span_db(), %generation, position = tail.position, pages = tail.db_pages, "starting a new generation");
-        self.tail = tail;
-        self.write_snapshot().await?;
+        // The generation exists once its snapshot does: if the snapshot fails, keep the old
+        // tail (the next sync sees the break again and starts over) rather than ship
+        // segments into a generation that has no snapshot.
+        let old = std::mem::replace(&mut self.tail, tail);
+        if let Err(e) = self.write_snapshot().await {
+            self.tail = old;
+            return Err(e);
+        }
         self.publish(|s| {
             s.generations_started += 1;
             s.generation = Some(generation);
@@ -1313,8 +1330,13 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
             h.salt1, h.checkpoint_seq
         )));
     }
-    let mut s = walfile::scan(wal_path, &h, FrameChain::from_header(&h), segment_frames(&h))
-        .map_err(|e| EngineError::io("read WAL", e))?;
+    let mut s = walfile::scan(
+        wal_path,
+        &h,
+        FrameChain::from_header(&h),
+        segment_frames(&h),
+    )
+    .map_err(|e| EngineError::io("read WAL", e))?;
     s.header = Some(h);
     Ok(Observed::Frames(s))
 }

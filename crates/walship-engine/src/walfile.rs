@@ -3,7 +3,7 @@
 //! checksum); reading stops at the first frame that does not continue the chain.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -66,6 +66,52 @@ impl Scan {
     }
 }
 
+/// Reads whole frames from a position in large positional reads straight into one buffer:
+/// no intermediate copy, and nothing allocated per frame.
+struct FrameReader<'a> {
+    file: &'a File,
+    frame_size: usize,
+    /// Offset of the next unread byte.
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+/// Frames per read.
+const FRAMES_PER_READ: usize = 64;
+
+impl<'a> FrameReader<'a> {
+    fn new(file: &'a File, hdr: &WalHeader, first_index: u32) -> Self {
+        let frame_size = hdr.frame_size() as usize;
+        FrameReader {
+            file,
+            frame_size,
+            offset: hdr.frame_offset(first_index),
+            buf: vec![0u8; frame_size * FRAMES_PER_READ],
+        }
+    }
+
+    /// Reads up to `max` whole frames (fewer at the end of the file). The slice holds them
+    /// back to back; empty at the end.
+    fn next_frames(&mut self, max: usize) -> io::Result<&[u8]> {
+        let want = self.frame_size * max.clamp(1, FRAMES_PER_READ);
+        let mut got = 0;
+        while got < want {
+            match self
+                .file
+                .read_at(&mut self.buf[got..want], self.offset + got as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let whole = got - got % self.frame_size;
+        self.offset += whole as u64;
+        Ok(&self.buf[..whole])
+    }
+}
+
 /// Scans frames after `chain.frames()` and returns everything up to the last commit frame
 /// that continues the chain. `limit` caps the number of frames returned (at a commit).
 pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::Result<Scan> {
@@ -83,57 +129,49 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
         Err(e) => return Err(e),
     };
     let start = chain.frames();
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    r.seek(SeekFrom::Start(hdr.frame_offset(start + 1)))?;
+    let mut r = FrameReader::new(&f, hdr, start + 1);
+    let frame_size = hdr.frame_size() as usize;
     let mut cur = chain;
     let mut pending: Vec<FrameRef> = Vec::new();
-    let mut frame = vec![0u8; hdr.frame_size() as usize];
-    loop {
-        if !read_full(&mut r, &mut frame)? {
+    // Most scans find nothing new: read one frame first, then in large reads.
+    let mut batch = 1;
+    'read: loop {
+        let frames = r.next_frames(batch)?;
+        if frames.is_empty() {
             break;
         }
-        let (fh, check) = match cur.check(&frame) {
-            Ok(x) => x,
-            Err(_) => break,
-        };
-        if check != FrameCheck::Valid {
-            break;
-        }
-        pending.push(FrameRef {
-            pgno: fh.pgno,
-            index: cur.frames(),
-            checksum: fh.checksum,
-        });
-        if fh.is_commit() {
-            if out.frames.len() + pending.len() > limit as usize && !out.frames.is_empty() {
-                out.more = true;
-                break;
+        batch = FRAMES_PER_READ;
+        for frame in frames.chunks_exact(frame_size) {
+            let (fh, check) = match cur.check(frame) {
+                Ok(x) => x,
+                Err(_) => break 'read,
+            };
+            if check != FrameCheck::Valid {
+                break 'read;
             }
-            out.frames.append(&mut pending);
-            out.commits += 1;
-            out.chain = cur;
-            out.db_pages = Some(fh.commit_size);
+            pending.push(FrameRef {
+                pgno: fh.pgno,
+                index: cur.frames(),
+                checksum: fh.checksum,
+            });
+            if fh.is_commit() {
+                if out.frames.len() + pending.len() > limit as usize && !out.frames.is_empty() {
+                    out.more = true;
+                    break 'read;
+                }
+                out.frames.append(&mut pending);
+                out.commits += 1;
+                out.chain = cur;
+                out.db_pages = Some(fh.commit_size);
+            }
         }
     }
     Ok(out)
 }
 
-/// Reads until `buf` is full; `false` if the file ended first.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => return Ok(false),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-/// Copies frames `first..=last` (1-based) of the WAL into `w`, checking each still carries
-/// the salts and checksum the scan saw (a restarted WAL fails this).
+/// Copies the given frames (consecutive, as a scan returns them) of the WAL into `w`,
+/// checking each still carries the salts and checksum the scan saw (a restarted WAL fails
+/// this).
 pub fn copy_frames(
     path: &Path,
     hdr: &WalHeader,
@@ -144,18 +182,23 @@ pub fn copy_frames(
     let Some(first) = frames.first() else {
         return Ok(());
     };
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    r.seek(SeekFrom::Start(hdr.frame_offset(first.index)))?;
-    let mut frame = vec![0u8; hdr.frame_size() as usize];
-    for fr in frames {
-        if !read_full(&mut r, &mut frame)? {
+    let mut r = FrameReader::new(&f, hdr, first.index);
+    let frame_size = hdr.frame_size() as usize;
+    let mut rest = frames;
+    while !rest.is_empty() {
+        let chunk = r.next_frames(rest.len())?;
+        if chunk.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "WAL shrank while shipping",
             ));
         }
-        check_frame_is(hdr, fr, &frame)?;
-        w.write_all(&frame)?;
+        let n = chunk.len() / frame_size;
+        for (frame, fr) in chunk.chunks_exact(frame_size).zip(&rest[..n]) {
+            check_frame_is(hdr, fr, frame)?;
+        }
+        w.write_all(chunk)?;
+        rest = &rest[n..];
     }
     Ok(())
 }
@@ -167,12 +210,18 @@ fn check_frame_is(hdr: &WalHeader, fr: &FrameRef, frame: &[u8]) -> io::Result<()
         || fh.checksum != fr.checksum
         || fh.pgno != fr.pgno
     {
-        return Err(io::Error::other(format!(
-            "WAL frame {} changed while being read (the WAL was restarted)",
-            fr.index
-        )));
+        return Err(io::Error::other(WalChanged { index: fr.index }));
     }
     Ok(())
+}
+
+/// A frame read again was not the one scanned: the WAL was restarted under walship, which a
+/// pin on read mark 0 allows once (see docs/ARCHITECTURE.md, "The pin protocol").
+#[derive(Debug, thiserror::Error)]
+#[error("WAL frame {index} changed while being read (the WAL was restarted)")]
+pub struct WalChanged {
+    /// The frame's index.
+    pub index: u32,
 }
 
 /// Reads the page of frame `fr` into `page`, checking the frame is still the one scanned.

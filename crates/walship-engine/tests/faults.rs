@@ -310,7 +310,10 @@ async fn once_shipped_the_apps_checkpoints_are_not_held_up_by_the_pin() {
         .unwrap();
     assert_eq!(busy, 0);
     assert!(log >= 12, "{log}");
-    assert!(done >= 8, "the pin kept the app's checkpoint at {done} of {log} frames");
+    assert!(
+        done >= 8,
+        "the pin kept the app's checkpoint at {done} of {log} frames"
+    );
     // And nothing is lost across it.
     insert(&app, 3);
     h.sync().await.unwrap();
@@ -319,4 +322,64 @@ async fn once_shipped_the_apps_checkpoints_are_not_held_up_by_the_pin() {
     let out = dir.path().join("out.db");
     restore_to(&s.plain, &out).await;
     assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_snapshot_waits_for_the_next_write_instead_of_costing_requests_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let opts = ReplicateOptions {
+        snapshot_interval: Duration::from_millis(600),
+        ..fast_opts()
+    };
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    let snapshots = || {
+        let dir = dir.path().join("replica");
+        walkdir(&dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains("snapshots/"))
+            .count()
+    };
+    let at_start = snapshots();
+    let app = Connection::open(&db).unwrap();
+    insert(&app, 10);
+    h.sync().await.unwrap();
+    // The snapshot falls due while nothing is written: no request at all.
+    s.plan.reset_counts();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = s.plan.counts();
+    assert_eq!(c.total(), 0, "requests while idle: {c:?}");
+    assert_eq!(snapshots(), at_start);
+    // The next write ships, and the due snapshot goes with it.
+    insert(&app, 1);
+    h.sync().await.unwrap();
+    assert_eq!(snapshots(), at_start + 1);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let out = dir.path().join("out.db");
+    restore_to(&s.plain, &out).await;
+    assert_eq!(digest(&out), digest(&db));
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
