@@ -377,6 +377,8 @@ struct Replicator {
     pin_bound_pending: bool,
     /// The pin moved since the last checkpoint walship ran.
     pin_moved: bool,
+    /// Frames shipped by the last round: a measure of the write load.
+    round_frames: u32,
     /// A handoff left the pin on mark 0: sync again shortly, this many times at most, until
     /// it moves.
     follow_up: u32,
@@ -518,7 +520,9 @@ impl Replicator {
             None => (None, true),
         };
         let wake = Arc::new(Notify::new());
-        let watcher = watch_files(&db_path, wake.clone(), dirty.clone(), opts.min_sync_gap);
+        // The watcher wakes the loop at most every quarter of the sync gap; the loop decides
+        // whether to wait out the rest.
+        let watcher = watch_files(&db_path, wake.clone(), dirty.clone(), opts.min_sync_gap / 4);
         let (end, newest) = replica_end(&replica).await?;
         let end = if force_new || !may_resume { None } else { end };
         let tail = Tail {
@@ -553,6 +557,7 @@ impl Replicator {
             commits_past_pin: 0,
             pin_bound_pending: false,
             pin_moved: false,
+            round_frames: 0,
             follow_up: 0,
             last_sync: Instant::now(),
             dirty,
@@ -1171,7 +1176,11 @@ impl Replicator {
                 }
                 _ = self.wake.notified() => {
                     let since = self.last_sync.elapsed();
-                    if since < self.opts.min_sync_gap {
+                    // Under a heavy write load (the last round shipped a good part of a
+                    // checkpoint's worth) and right after a handoff, sync at once: the data is
+                    // there, and waiting only lets lag and the WAL grow.
+                    let heavy = self.round_frames >= (self.opts.checkpoint_frames / 4).max(1);
+                    if since < self.opts.min_sync_gap && !heavy && self.follow_up == 0 {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             _ = tokio::time::sleep(self.opts.min_sync_gap - since) => {}
@@ -1241,7 +1250,11 @@ impl Replicator {
                 path: self.db_path.clone(),
             });
         }
-        let shipped = self.sync_once().await?;
+        let before = self.status.borrow().frames_shipped;
+        let shipped = self.sync_once().await;
+        let after = self.status.borrow().frames_shipped;
+        self.round_frames = u32::try_from(after.saturating_sub(before)).unwrap_or(u32::MAX);
+        let shipped = shipped?;
         // At most one handoff per `checkpoint_frames` new frames of an incarnation (an app
         // reader can keep a checkpoint from finishing; retrying every round would only churn
         // the write lock), and at most one per sync interval: each one makes the app wait for

@@ -228,6 +228,17 @@ async fn attempt(
         ..Default::default()
     };
 
+    // Segments are fetched from the start, while the snapshot downloads: small ones whole
+    // (in parallel, held in memory), larger ones as streams read when applied.
+    let (seg_tx, mut segments) = mpsc::channel(opts.parallelism.max(1));
+    let names: Vec<String> = chain.iter().map(|s| s.name.clone()).collect();
+    let _fetcher = AbortOnDrop(tokio::spawn(prefetch_segments(
+        store.clone(),
+        names,
+        opts.parallelism.max(1),
+        seg_tx,
+    )));
+
     // 1. The snapshot, streamed into the temporary file.
     let body = download(store.clone(), snap.name.clone());
     let tmp_path = tmp.path.clone();
@@ -277,20 +288,10 @@ async fn attempt(
             .open(&tmp.path)
             .map_err(|e| EngineError::io("open temporary output", e))?,
     );
-    let fetches = futures::stream::iter(chain.iter().map(|seg| {
-        let store = store.clone();
-        let name = seg.name.clone();
-        async move {
-            let got = store.get(&name, None).await;
-            (name, got)
-        }
-    }))
-    .buffered(opts.parallelism.max(1));
-    futures::pin_mut!(fetches);
     let mut stop: Option<(String, String)> = None;
     let mut remaining: Vec<String> = chain.iter().map(|s| s.name.clone()).collect();
     remaining.reverse();
-    while let Some((name, got)) = fetches.next().await {
+    while let Some((name, got)) = segments.recv().await {
         remaining.pop();
         let obj = match got {
             Ok(o) => o,
@@ -382,6 +383,60 @@ async fn attempt(
 
 /// Runs `f` on a blocking thread with a `Read` over `body`; returns its result and the
 /// number of bytes read.
+/// Segments up to this size are downloaded whole, ahead of being applied; with
+/// `parallelism` in flight and as many waiting, at most 2 × `parallelism` of them are held.
+const PREFETCH_WHOLE: u64 = 2 * 1024 * 1024;
+
+/// Aborts a task when dropped (a restore that stops early leaves no download behind).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Fetches segments in order, `parallelism` at a time, and sends them on in order.
+async fn prefetch_segments(
+    store: Arc<dyn ObjectStore>,
+    names: Vec<String>,
+    parallelism: usize,
+    tx: mpsc::Sender<(String, Result<walship_storage::GetObject, StorageError>)>,
+) {
+    let fetches = futures::stream::iter(names.into_iter().map(|name| {
+        let store = store.clone();
+        async move {
+            let got = match store.get(&name, None).await {
+                Ok(obj) if obj.size <= PREFETCH_WHOLE => whole(obj).await,
+                other => other,
+            };
+            (name, got)
+        }
+    }))
+    .buffered(parallelism);
+    futures::pin_mut!(fetches);
+    while let Some(item) = fetches.next().await {
+        if tx.send(item).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Reads an object's body into memory; it is then a stream of one chunk.
+async fn whole(
+    mut obj: walship_storage::GetObject,
+) -> Result<walship_storage::GetObject, StorageError> {
+    let mut buf = bytes::BytesMut::with_capacity(usize::try_from(obj.size).unwrap_or(0));
+    while let Some(chunk) = obj.body.next().await {
+        buf.extend_from_slice(&chunk?);
+    }
+    let body = buf.freeze();
+    Ok(walship_storage::GetObject {
+        size: obj.size,
+        body: Box::pin(futures::stream::once(async move { Ok(body) })),
+    })
+}
+
 async fn run_blocking_with_stream<T, F>(
     body: walship_storage::ByteStream,
     f: F,
