@@ -51,6 +51,17 @@ mod snapshot;
 mod walfile;
 
 pub use crate::error::{EngineError, EngineResult};
+
+/// A background task that is aborted when its owner drops this (a file watcher, a restore's
+/// downloads): nothing outlives the work it serves.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 pub use crate::lease::{LeaseOptions, OnConflict};
 pub use crate::replica::Replica;
 pub use crate::replicate::{ReplicateOptions, ReplicatorHandle, Status};

@@ -19,6 +19,7 @@ use walship_format::key::{self, GenerationId, ObjectKey};
 use walship_format::object::{FLAG_LZ4, Kind, ObjectHeader, WalState};
 use walship_format::wal::{Checksum, FrameChain, WalHeader};
 
+use crate::AbortOnDrop;
 use crate::db::{CheckpointMode, Db};
 use crate::error::{EngineError, EngineResult};
 use crate::lease::{Lease, LeaseOptions};
@@ -589,15 +590,8 @@ impl Replicator {
         end: Option<ReplicaEnd>,
         newest: Option<GenerationId>,
     ) -> EngineResult<()> {
-        let db = self.db.clone();
         let timeout = self.opts.lock_timeout;
-        let est = tokio::task::spawn_blocking(move || {
-            let mut db = db
-                .lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
-            establish(&mut db, timeout)
-        })
-        .await??;
+        let est = self.on_db(move |db| establish(db, timeout)).await?;
         self.commits_past_pin = 0;
         self.pin_bound_pending = false;
         let after_segments = end.is_some_and(|e| e.header.kind == Kind::Segment);
@@ -702,6 +696,21 @@ impl Replicator {
             s.generation = Some(generation);
         });
         Ok(())
+    }
+
+    /// Runs blocking work on the database handle, off the async runtime.
+    async fn on_db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Db) -> EngineResult<T> + Send + 'static,
+    ) -> EngineResult<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = db
+                .lock()
+                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
+            f(&mut db)
+        })
+        .await?
     }
 
     fn publish(&self, f: impl FnOnce(&mut Status)) {
@@ -820,16 +829,10 @@ impl Replicator {
 
     /// Looks at the WAL (blocking): new frames, a restart, or a break.
     async fn observe(&self) -> EngineResult<Observed> {
-        let db = self.db.clone();
         let tail = self.tail.clone();
         let wal_path = self.wal_path.clone();
-        tokio::task::spawn_blocking(move || {
-            let db = db
-                .lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
-            observe_wal(&db, &wal_path, &tail)
-        })
-        .await?
+        self.on_db(move |db| observe_wal(db, &wal_path, &tail))
+            .await
     }
 
     /// Ships everything committed. Returns true if anything was uploaded.
@@ -927,13 +930,7 @@ impl Replicator {
         if self.pin_bound_pending || self.commits_past_pin < 2 {
             return Ok(());
         }
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            db.lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?
-                .advance_pin()
-        })
-        .await??;
+        self.on_db(Db::advance_pin).await?;
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
         self.pin_moved = true;
@@ -1054,15 +1051,8 @@ impl Replicator {
                 self.checkpoint_to_pin().await?;
             }
         }
-        let db = self.db.clone();
         let timeout = self.opts.lock_timeout;
-        let got = tokio::task::spawn_blocking(move || {
-            let mut db = db
-                .lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
-            db.lock(timeout)
-        })
-        .await??;
+        let got = self.on_db(move |db| db.lock(timeout)).await?;
         self.last_handoff = Instant::now();
         if !got {
             tracing::debug!(db = %self.span_db(), "app busy; checkpoint postponed");
@@ -1070,14 +1060,7 @@ impl Replicator {
         }
         let t0 = Instant::now();
         let r = self.handoff_locked().await;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut db = db
-                .lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
-            db.unlock()
-        })
-        .await??;
+        self.on_db(Db::unlock).await?;
         let held_ms = t0.elapsed().as_millis() as u64;
         tracing::debug!(db = %self.span_db(), held_ms, "write lock released");
         self.handoff_at = (self.tail.epoch, self.tail.frames());
@@ -1090,13 +1073,9 @@ impl Replicator {
     async fn checkpoint_to_pin(&mut self) -> EngineResult<()> {
         self.pin_moved = false;
         let t0 = Instant::now();
-        let db = self.db.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            db.lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?
-                .checkpoint(CheckpointMode::Passive)
-        })
-        .await??;
+        let res = self
+            .on_db(|db| db.checkpoint(CheckpointMode::Passive))
+            .await?;
         let elapsed_ms = t0.elapsed().as_millis() as u64;
         tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, elapsed_ms, "checkpoint up to the pin");
         Ok(())
@@ -1113,32 +1092,29 @@ impl Replicator {
             return Ok(());
         }
         let t1 = Instant::now();
-        let db = self.db.clone();
         let wal_path = self.wal_path.clone();
         let tail = self.tail.clone();
-        let (res, hdr) = tokio::task::spawn_blocking(move || -> EngineResult<_> {
-            let mut db = db
-                .lock()
-                .map_err(|_| EngineError::Task("db lock poisoned".into()))?;
-            // Still at the end? (Under the lock it cannot move, unless the sync failed.)
-            let hdr = walfile::read_header(&wal_path)
-                .map_err(|e| EngineError::io("read WAL header", e))?;
-            if hdr.map(|h| (h.salt1, h.salt2)) != tail.salts() {
-                return Ok((None, hdr));
-            }
-            if let (Some(h), Some(c)) = (hdr, tail.chain) {
-                let s = walfile::scan(&wal_path, &h, c, 1)
-                    .map_err(|e| EngineError::io("read WAL", e))?;
-                if !s.frames.is_empty() {
+        let (res, hdr) = self
+            .on_db(move |db| {
+                // Still at the end? (Under the lock it cannot move, unless the sync failed.)
+                let hdr = walfile::read_header(&wal_path)
+                    .map_err(|e| EngineError::io("read WAL header", e))?;
+                if hdr.map(|h| (h.salt1, h.salt2)) != tail.salts() {
                     return Ok((None, hdr));
                 }
-            }
-            db.unpin()?;
-            let res = db.checkpoint(CheckpointMode::Passive);
-            db.pin()?;
-            Ok((Some(res?), hdr))
-        })
-        .await??;
+                if let (Some(h), Some(c)) = (hdr, tail.chain) {
+                    let s = walfile::scan(&wal_path, &h, c, 1)
+                        .map_err(|e| EngineError::io("read WAL", e))?;
+                    if !s.frames.is_empty() {
+                        return Ok((None, hdr));
+                    }
+                }
+                db.unpin()?;
+                let res = db.checkpoint(CheckpointMode::Passive);
+                db.pin()?;
+                Ok((Some(res?), hdr))
+            })
+            .await?;
         if let Some(res) = res {
             self.commits_past_pin = 0;
             self.pin_bound_pending = false;
@@ -1355,14 +1331,7 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
 }
 
 /// The file watcher's task; stops when dropped.
-#[derive(Debug)]
-struct Watcher(tokio::task::JoinHandle<()>);
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+type Watcher = AbortOnDrop;
 
 /// Watches the WAL with inotify: a change wakes the loop, at most once per `gap`.
 ///
@@ -1428,7 +1397,7 @@ fn watch_files(
             tokio::time::sleep(gap).await;
         }
     });
-    Some(Watcher(task))
+    Some(AbortOnDrop(task))
 }
 
 /// Without inotify the loop polls (see `Replicator::run`).

@@ -19,6 +19,7 @@ use walship_format::object::{Kind, ObjectHeader, ObjectReader};
 use walship_format::wal::{FRAME_HEADER_SIZE, FrameChain, FrameCheck, WAL_MAGIC_BE};
 use walship_storage::{ObjectStore, StorageError};
 
+use crate::AbortOnDrop;
 use crate::error::{EngineError, EngineResult};
 use crate::replica::{Listed, Replica};
 
@@ -386,15 +387,6 @@ async fn attempt(
 /// Segments up to this size are downloaded whole, ahead of being applied; with
 /// `parallelism` in flight and as many waiting, at most 2 × `parallelism` of them are held.
 const PREFETCH_WHOLE: u64 = 2 * 1024 * 1024;
-
-/// Aborts a task when dropped (a restore that stops early leaves no download behind).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Fetches segments in order, `parallelism` at a time, and sends them on in order.
 async fn prefetch_segments(

@@ -337,14 +337,15 @@ async fn a_due_snapshot_waits_for_the_next_write_instead_of_costing_requests_whi
     let (h, task) =
         walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
     h.sync().await.unwrap();
-    let snapshots = || {
-        let dir = dir.path().join("replica");
-        walkdir(&dir)
-            .into_iter()
-            .filter(|p| p.to_string_lossy().contains("snapshots/"))
-            .count()
+    let plain = s.plain.clone();
+    let snapshots = move || {
+        let plain = plain.clone();
+        async move {
+            let g = plain.generations().await.unwrap()[0];
+            plain.objects(g).await.unwrap().snapshots.len()
+        }
     };
-    let at_start = snapshots();
+    let at_start = snapshots().await;
     let app = Connection::open(&db).unwrap();
     insert(&app, 10);
     h.sync().await.unwrap();
@@ -353,33 +354,14 @@ async fn a_due_snapshot_waits_for_the_next_write_instead_of_costing_requests_whi
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let c = s.plan.counts();
     assert_eq!(c.total(), 0, "requests while idle: {c:?}");
-    assert_eq!(snapshots(), at_start);
+    assert_eq!(snapshots().await, at_start);
     // The next write ships, and the due snapshot goes with it.
     insert(&app, 1);
     h.sync().await.unwrap();
-    assert_eq!(snapshots(), at_start + 1);
+    assert_eq!(snapshots().await, at_start + 1);
     cancel.cancel();
     task.await.unwrap().unwrap();
     let out = dir.path().join("out.db");
     restore_to(&s.plain, &out).await;
     assert_eq!(digest(&out), digest(&db));
-}
-
-fn walkdir(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
