@@ -262,7 +262,7 @@ fn foreign_and_garbage_objects_are_ignored() {
     let gen_dir = std::fs::read_dir(rdir.join("generations"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().len() == 16)
+        .find(|p| p.file_name().unwrap().len() == 16 && p.join("snapshots").is_dir())
         .unwrap();
     std::fs::write(gen_dir.join("snapshots/garbage.wsnap"), b"junk").unwrap();
     std::fs::write(gen_dir.join("notes.txt"), b"junk").unwrap();
