@@ -21,7 +21,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::error::{EngineError, EngineResult};
 
 /// Identity of a file: a database replaced under walship has another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId {
     dev: u64,
     ino: u64,
@@ -83,7 +83,28 @@ pub struct Db {
     /// Which of `readers` holds the pin, if any.
     pinned: Option<usize>,
     locked: bool,
+    /// The WAL index (`-shm`), read to see an app's checkpoint waiting (see `shm_handle`).
+    shm: Option<Arc<File>>,
 }
+
+/// What the WAL index (the `-shm` file) says, read without taking any lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalIndex {
+    /// Salts of the WAL incarnation the index describes.
+    pub salts: (u32, u32),
+    /// Frames of committed transactions published to readers.
+    pub max_frame: u32,
+    /// Frames copied back into the database file.
+    pub backfilled: u32,
+}
+
+/// Byte offsets in the `-shm` file (SQLite's wal.c and os_unix.c): two copies of the
+/// 48-byte index header, then the checkpoint info, whose `nBackfill` comes first; the POSIX
+/// locks SQLite takes are at 120 + lock number.
+const SHM_HEADER: usize = 48;
+const SHM_BACKFILL: usize = 2 * SHM_HEADER;
+const SHM_WRITE_LOCK: i64 = 120;
+const SHM_CKPT_LOCK: i64 = 121;
 
 fn open_conn(path: &Path, busy: Duration) -> EngineResult<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -140,6 +161,10 @@ impl Db {
         locker
             .busy_handler(Some(retry_until_deadline))
             .map_err(|e| EngineError::sqlite("set busy handler", e))?;
+        let shm = shm_handle(&shm_path(path));
+        if shm.is_none() {
+            tracing::debug!(db = %path.display(), "no -shm file to read; an app's own blocking checkpoints will wait for the pin");
+        }
         Ok(Db {
             path: path.to_path_buf(),
             id,
@@ -149,6 +174,7 @@ impl Db {
             ckpt,
             pinned: None,
             locked: false,
+            shm,
         })
     }
 
@@ -275,6 +301,73 @@ impl Db {
         }
     }
 
+    /// True while another process runs a blocking checkpoint (FULL, RESTART or TRUNCATE):
+    /// it holds both the WAL write lock and the checkpoint lock, and waits for readers —
+    /// walship's pin among them. A PASSIVE checkpoint holds no write lock, and an app
+    /// transaction no checkpoint lock. Locks of this process are never reported.
+    pub fn app_checkpoint_waiting(&self) -> bool {
+        let Some(shm) = &self.shm else {
+            return false;
+        };
+        match (
+            lock_holder(shm, SHM_WRITE_LOCK),
+            lock_holder(shm, SHM_CKPT_LOCK),
+        ) {
+            (Ok(Some(w)), Ok(Some(c))) => w == c,
+            _ => false,
+        }
+    }
+
+    /// The WAL index's header and checkpoint progress, if the `-shm` file can be read and
+    /// its two header copies agree (a writer updating it makes them differ for a moment).
+    pub fn wal_index(&self) -> Option<WalIndex> {
+        let shm = self.shm.as_ref()?;
+        let mut b = [0u8; SHM_BACKFILL + 4];
+        for _ in 0..100 {
+            read_exact_at(shm, &mut b, 0).ok()?;
+            let (h1, rest) = b.split_at(SHM_HEADER);
+            if h1 != &rest[..SHM_HEADER] {
+                std::hint::spin_loop();
+                continue;
+            }
+            // isInit: the index was built from the WAL.
+            if h1[12] != 1 {
+                return None;
+            }
+            let ne = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            // The salts are kept as the WAL header's big-endian bytes.
+            let be = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            return Some(WalIndex {
+                salts: (be(32), be(36)),
+                max_frame: ne(16),
+                backfilled: ne(SHM_BACKFILL),
+            });
+        }
+        None
+    }
+
+    /// Waits (up to `timeout`) until another process's blocking checkpoint has copied the
+    /// whole WAL back while the index still shows `salts` and `frames`. False as soon as
+    /// the checkpoint is gone or the WAL moved on.
+    pub fn wait_for_app_backfill(&self, salts: (u32, u32), frames: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(ix) = self.wal_index() else {
+                return false;
+            };
+            if ix.salts != salts || ix.max_frame != frames {
+                return false;
+            }
+            if ix.backfilled == frames {
+                return true;
+            }
+            if !self.app_checkpoint_waiting() || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The database's page size.
     pub fn page_size(&self) -> EngineResult<u32> {
         self.ckpt
@@ -332,6 +425,72 @@ pub fn wal_path(db: &Path) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push("-wal");
     PathBuf::from(s)
+}
+
+fn shm_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push("-shm");
+    PathBuf::from(s)
+}
+
+/// A descriptor of the `-shm` file at `path`, opened at most once per file for the life of
+/// the process and never closed: closing any descriptor of a file drops every POSIX lock
+/// the process holds on it, and SQLite's locks on the `-shm` file are the pin's read mark.
+/// (A database replaced under walship may keep its `-shm` file, which a fresh `Db` then
+/// shares.)
+fn shm_handle(path: &Path) -> Option<Arc<File>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static OPEN: OnceLock<Mutex<HashMap<FileId, Arc<File>>>> = OnceLock::new();
+    let mut open = OPEN.get_or_init(Default::default).lock().ok()?;
+    if let Some(f) = FileId::of(path).and_then(|id| open.get(&id)) {
+        return Some(f.clone());
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    let id = FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    if let Some(known) = open.get(&id) {
+        // Replaced between the look-up and the open: keep the known one, and never close
+        // this one either.
+        let known = known.clone();
+        std::mem::forget(f);
+        return Some(known);
+    }
+    let f = Arc::new(f);
+    open.insert(id, f.clone());
+    Some(f)
+}
+
+fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, offset)
+}
+
+/// The process holding a lock that conflicts with an exclusive lock on `byte` of `f`, if
+/// any (`fcntl(F_GETLK)`; the caller's own locks never conflict).
+#[allow(unsafe_code)]
+fn lock_holder(f: &File, byte: i64) -> std::io::Result<Option<i32>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `flock` is a plain C struct for which all zeroes is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    // SAFETY: F_GETLK reads and fills in the `flock` we own, on a descriptor kept open by
+    // `f` for the whole call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid))
 }
 
 #[cfg(test)]
@@ -433,6 +592,32 @@ mod tests {
             })
             .expect("ckpt");
         assert_eq!(busy, 0);
+    }
+
+    #[test]
+    fn the_wal_index_reads_as_sqlite_keeps_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = wal_db(dir.path());
+        let app = Connection::open(&p).expect("app");
+        app.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("autockpt");
+        let db = Db::open(&p, false).expect("open");
+        for i in 0..4 {
+            app.execute("INSERT INTO t VALUES (?1)", [i])
+                .expect("insert");
+        }
+        let h = crate::walfile::read_header(&wal_path(&p))
+            .expect("read")
+            .expect("a WAL");
+        let ix = db.wal_index().expect("index");
+        assert_eq!(ix.salts, (h.salt1, h.salt2));
+        let (_, log, done) = passive(&app);
+        assert_eq!(i64::from(ix.max_frame), log);
+        let ix = db.wal_index().expect("index");
+        assert_eq!(i64::from(ix.backfilled), done);
+        assert_eq!(ix.backfilled, ix.max_frame);
+        // This process's own checkpoint is never taken for the app's.
+        assert!(!db.app_checkpoint_waiting());
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub struct Status {
     pub generations_started: u64,
     /// Checkpoints run (all PASSIVE).
     pub checkpoints: u64,
+    /// Blocking checkpoints of the app (FULL, RESTART, TRUNCATE) the pin was moved aside for.
+    pub app_checkpoints: u64,
     /// Snapshots written by this process.
     pub snapshots: u64,
     /// Bytes of the last snapshot uploaded.
@@ -312,9 +314,10 @@ struct Tail {
     pos_state: WalState,
     /// Latest shipped frame of each page in the current incarnation.
     overlay: HashMap<u32, FrameRef>,
-    /// Set when the pin was taken under the write lock with everything read: the
-    /// incarnation and frame count at that moment. One WAL restart seen while the tail is
-    /// still there is provably continuous.
+    /// Set when the pin was taken with everything up to the WAL's end shipped, in a way that
+    /// proves its read mark is either a real one or mark 0 at that end (under the write lock,
+    /// or by `yield_to_app_checkpoint`): the incarnation and frame count at that moment. A
+    /// WAL restart seen while the tail is still there is provably continuous.
     clean_pin_at: Option<(Option<(u32, u32)>, u32)>,
 }
 
@@ -873,7 +876,9 @@ impl Replicator {
                         self.tail.hdr = Some(h);
                         self.tail.chain = Some(FrameChain::from_header(&h));
                         self.tail.overlay.clear();
-                        self.tail.clean_pin_at = None;
+                        // Still the same pin: a further restart under it can only be from
+                        // an empty WAL, i.e. before anything of this incarnation is shipped.
+                        self.tail.clean_pin_at = Some((Some((h.salt1, h.salt2)), 0));
                         tracing::debug!(db = %self.span_db(), epoch = self.tail.epoch, "WAL restarted; continuing");
                     }
                     if scan.frames.is_empty() {
@@ -931,12 +936,85 @@ impl Replicator {
             return Ok(());
         }
         self.on_db(Db::advance_pin).await?;
+        self.pin_advanced();
+        self.follow_up = 0;
+        Ok(())
+    }
+
+    /// Bookkeeping after the pin moved: its mark is bounded once the WAL is read again, and
+    /// no restart can be proven continuous under it.
+    fn pin_advanced(&mut self) {
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
         self.pin_moved = true;
-        self.follow_up = 0;
-        // A pin on a read mark keeps the WAL from restarting: a restart seen now is a break.
         self.tail.clean_pin_at = None;
+    }
+
+    /// True while another process runs a blocking checkpoint that waits for walship's pin.
+    fn app_checkpointing(&self) -> bool {
+        self.db
+            .try_lock()
+            .map(|db| db.app_checkpoint_waiting())
+            .unwrap_or(false)
+    }
+
+    /// Lets an app's own blocking checkpoint (FULL, RESTART, TRUNCATE), which waits for the
+    /// pin, finish — without ever leaving the WAL free to restart past a frame not shipped.
+    ///
+    /// Called right after a sync, so the pin's read mark is at or before the shipped end S.
+    /// The app's checkpoint holds the write lock, so the WAL index shows exactly S frames
+    /// published (if not, the app is writing: nothing to do). Then:
+    /// 1. unless the index shows everything copied back, the pin moves to the WAL's end (so
+    ///    the checkpoint can copy everything), walship ships up to the end read after it
+    ///    (the new S) and waits until the index shows all S frames copied back;
+    /// 2. a new read transaction is taken before the old one ends. It gets read mark 0 only
+    ///    if everything published is copied back as it begins; the old pin keeps the copy at
+    ///    or before S and S frames were seen published, so that is the WAL at exactly S. A
+    ///    pin on mark 0 stops every further copy, so the restart the app's checkpoint does
+    ///    next is from S, and any later one is from an empty WAL: this is the clean pin of a
+    ///    handoff, proven without holding the write lock. If it got a real read mark instead
+    ///    (the app wrote in between), no restart can happen under it at all.
+    async fn yield_to_app_checkpoint(&mut self) -> EngineResult<()> {
+        let t0 = Instant::now();
+        let generation = self.tail.generation;
+        let Some(ix) = self.on_db(|db| Ok(db.wal_index())).await? else {
+            return Ok(());
+        };
+        if Some(ix.salts) != self.tail.salts() || ix.max_frame != self.tail.frames() {
+            tracing::debug!(db = %self.span_db(), published = ix.max_frame, shipped = self.tail.frames(), "app checkpoint seen while the WAL moves; not yielding");
+            return Ok(());
+        }
+        if ix.backfilled < ix.max_frame {
+            self.on_db(Db::advance_pin).await?;
+            self.pin_advanced();
+            self.sync_once().await?;
+            if self.tail.generation != generation {
+                return Ok(());
+            }
+            let Some(salts) = self.tail.salts() else {
+                return Ok(());
+            };
+            let frames = self.tail.frames();
+            let timeout = self.opts.sync_interval;
+            let copied = self
+                .on_db(move |db| Ok(db.wait_for_app_backfill(salts, frames, timeout)))
+                .await?;
+            if !copied {
+                tracing::debug!(db = %self.span_db(), position = self.tail.position, "the app's checkpoint has not copied the WAL back; pin left at its end");
+                return Ok(());
+            }
+        }
+        let salts = self.tail.salts();
+        let frames = self.tail.frames();
+        self.on_db(Db::advance_pin).await?;
+        self.pin_advanced();
+        self.tail.clean_pin_at = Some((salts, frames));
+        // Look again soon: the WAL restarts, and the pin should leave mark 0 once the app
+        // writes again.
+        self.follow_up = FOLLOW_UPS;
+        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = self.tail.position, elapsed_ms, "let the app's own checkpoint through");
+        self.publish(|s| s.app_checkpoints += 1);
         Ok(())
     }
 
@@ -1051,6 +1129,9 @@ impl Replicator {
                 self.checkpoint_to_pin().await?;
             }
         }
+        if self.app_checkpointing() {
+            return self.yield_to_app_checkpoint().await;
+        }
         let timeout = self.opts.lock_timeout;
         let got = self.on_db(move |db| db.lock(timeout)).await?;
         self.last_handoff = Instant::now();
@@ -1142,11 +1223,23 @@ impl Replicator {
         };
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // An app's own blocking checkpoint writes nothing to wake the loop: look for one a
+        // few times per sync interval (two `fcntl` calls, no request).
+        let mut probe = tokio::time::interval(
+            (self.opts.sync_interval / 4)
+                .clamp(Duration::from_millis(20), Duration::from_millis(250)),
+        );
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut reply: Option<Command> = None;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = probe.tick() => {
+                    if !self.app_checkpointing() {
+                        continue;
+                    }
+                }
                 _ = tokio::time::sleep(FOLLOW_UP), if self.follow_up > 0 => {
                     self.follow_up -= 1;
                 }
@@ -1231,6 +1324,11 @@ impl Replicator {
         let after = self.status.borrow().frames_shipped;
         self.round_frames = u32::try_from(after.saturating_sub(before)).unwrap_or(u32::MAX);
         let shipped = shipped?;
+        if self.app_checkpointing() {
+            // The app's own checkpoint holds the write lock a handoff would wait for, and
+            // waits for the pin: let it through instead.
+            return self.yield_to_app_checkpoint().await;
+        }
         // At most one handoff per `checkpoint_frames` new frames of an incarnation (an app
         // reader can keep a checkpoint from finishing; retrying every round would only churn
         // the write lock), and at most one per sync interval: each one makes the app wait for
@@ -1303,17 +1401,14 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
         s.header = None;
         return Ok(Observed::Frames(s));
     }
-    // A new incarnation. Continuous only under a clean pin with nothing shipped since, and
-    // exactly one restart after the one we know.
-    let at_clean_pin = tail.clean_pin_at == Some((tail.salts(), tail.frames()));
-    let one_restart = match tail.hdr {
-        None => true,
-        Some(t) => {
-            h.salt1 == t.salt1.wrapping_add(1)
-                && h.checkpoint_seq == t.checkpoint_seq.wrapping_add(1)
-        }
-    };
-    if !(at_clean_pin && one_restart) {
+    // A new incarnation. Continuous only under a clean pin with nothing shipped since: the
+    // pin then either holds a read mark (no restart can have happened) or read mark 0 taken
+    // when everything up to the shipped end was checkpointed, which stops every further
+    // checkpoint, so whatever restarts happened under it were from that end or from an empty
+    // WAL. The new header's salts and checkpoint sequence prove nothing either way: SQLite
+    // keeps the sequence per connection, and a connection that never restarted the WAL
+    // itself writes a header with sequence 0 and random salts.
+    if tail.clean_pin_at != Some((tail.salts(), tail.frames())) {
         return Ok(Observed::Break(format!(
             "WAL restarted (salt-1 {:#x}, checkpoint {}) without proof that nothing was lost",
             h.salt1, h.checkpoint_seq

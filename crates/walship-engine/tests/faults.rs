@@ -227,6 +227,58 @@ async fn the_apps_truncate_checkpoint_never_loses_frames() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_restarted_by_any_of_the_apps_connections_continues_the_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        fast_opts(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    let first = h.status().generation;
+    for round in 0..8 {
+        // A connection pool: each round writes through a connection opened afresh. SQLite
+        // keeps the WAL's checkpoint sequence per connection, so the header such a
+        // connection writes when it restarts the WAL carries its own count, and after a
+        // TRUNCATE one that never restarted the WAL itself writes sequence 0 and random
+        // salts.
+        let app = Connection::open(&db).unwrap();
+        app.busy_timeout(Duration::from_millis(300)).unwrap();
+        insert(&app, 60);
+        let before = h.status().checkpoints;
+        for _ in 0..40 {
+            h.sync().await.unwrap();
+            if h.status().checkpoints > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if round % 2 == 1 {
+            let _ = app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
+    }
+    let app = Connection::open(&db).unwrap();
+    insert(&app, 3);
+    h.sync().await.unwrap();
+    let st = h.status();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert!(st.checkpoints >= 4, "only {} handoffs", st.checkpoints);
+    assert_eq!(
+        (st.generation, st.generations_started),
+        (first, 1),
+        "a restart of the WAL by another connection of the app was taken for a break"
+    );
+    let out = dir.path().join("out.db");
+    restore_to(&s.plain, &out).await;
+    assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_deleted_and_recreated_starts_a_new_generation() {
     let dir = tempfile::tempdir().unwrap();
     let db = app_db(dir.path());

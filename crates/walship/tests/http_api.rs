@@ -64,6 +64,7 @@ fn probes_health_and_metrics() {
         "walship_snapshot_duration_seconds_count{db=\"app\"}",
         "walship_wal_bytes{db=\"app\"}",
         "walship_checkpoints_total{db=\"app\",mode=\"passive\"}",
+        "walship_app_checkpoints_total{db=\"app\"}",
         "walship_generation_changes_total{db=\"app\"}",
         "walship_health{db=\"app\"}",
     ] {

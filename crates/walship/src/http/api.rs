@@ -176,6 +176,7 @@ fn status_json(d: &DbState, st: &Status, h: &DbHealth) -> Value {
         "last_snapshot_duration_ms": st.last_snapshot_duration_ms,
         "generations_started": st.generations_started,
         "checkpoints": st.checkpoints,
+        "app_checkpoints": st.app_checkpoints,
         "frames_shipped": st.frames_shipped,
         "wal_bytes": st.wal_bytes,
         "errors_by_kind": st.errors_by_kind,

@@ -228,6 +228,12 @@ impl Collector for StatusCollector {
         }
         self.counter(
             &mut enc,
+            "walship_app_checkpoints",
+            "Blocking checkpoints of the app (FULL, RESTART, TRUNCATE) the pin was moved aside for",
+            |r| r.st.app_checkpoints,
+        )?;
+        self.counter(
+            &mut enc,
             "walship_generation_changes",
             "Generations started (each begins with a full snapshot)",
             |r| r.st.generations_started,
