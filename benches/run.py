@@ -1170,6 +1170,114 @@ class Harness:
                         f"p50 {st['p50_ms']:.3f} ms")
                     shutil.rmtree(d, ignore_errors=True)
 
+    # ---- 7. operations: the app's own TRUNCATE checkpoint, a replicator restarted ----------
+
+    def section_ops(self) -> None:
+        """Two operational targets, each tool to a local directory.
+
+        The app's own checkpoint: the app writes (20 transactions), then runs
+        `PRAGMA wal_checkpoint(TRUNCATE)` on its own connection with a 10 s busy timeout,
+        5 times per run; the time each call takes and whether it gave up (busy) are recorded.
+        Afterwards the replica is restored and must equal the source.
+
+        A replicator restarted: the writer commits 50 txn/s; after 3 s the replicator is
+        SIGKILLed and started again at once. The restore poller of the lag section records
+        when the last commit made before the restart became restorable, counted from the
+        restart (catch-up), and the lag of the commits made in the 3 s after it."""
+        p = self.p
+        for rnd in range(p.lag_rounds):
+            for tool in rotate(self.tools, rnd):
+                # -- the app's TRUNCATE checkpoint
+                tag = self.tag("ops-ckpt", tool.name, rnd)
+                db = self.work / f"{tag}.db"
+                copy_db(self.template, db)
+                rep = self.env.replica("file", tag)
+                proc, logp, _ = self.start_replicator(tool, db, rep, tag)
+                con = sqlite3.connect(db, timeout=10, isolation_level=None)
+                took, busy = [], 0
+                for _ in range(5):
+                    for _ in range(20):
+                        con.execute("BEGIN IMMEDIATE")
+                        con.execute("INSERT INTO bench(t, body) VALUES (?, randomblob(100))",
+                                    (time.time(),))
+                        con.execute("COMMIT")
+                    time.sleep(0.3)
+                    t0 = time.time()
+                    b, _, _ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    took.append(time.time() - t0)
+                    busy += b
+                    time.sleep(0.2)
+                con.close()
+                e = stop(proc)
+                out = self.work / f"{tag}.restored.db"
+                remove_db(out)
+                re, _ = run_timed(tool.restore_argv(db, rep, out), env=tool_env(),
+                                  log_path=self.work / f"{tag}.restore.log", timeout=300)
+                verified = (re.rc == 0 and out.exists() and
+                            db_digest(out) == db_digest(db))
+                rec = {"what": "app_truncate", "config": f"{tool.name}/file", "round": rnd,
+                       "seconds": took, "busy": busy, "exit": e.rc, "verified": verified}
+                log(f"ops {tool.name:10s} app TRUNCATE r{rnd}: median {fmt(median(took), 3)} s "
+                    f"max {fmt(max(took), 3)} s, {busy} of {len(took)} gave up, "
+                    f"restore verified {verified}")
+                self.raw.setdefault("ops", []).append(rec)
+                remove_db(db)
+                remove_db(out)
+                # -- a replicator restarted
+                tag = self.tag("ops-restart", tool.name, rnd)
+                db = self.work / f"{tag}.db"
+                copy_db(self.template, db)
+                rep = self.env.replica("file", tag)
+                proc, logp, _ = self.start_replicator(tool, db, rep, tag)
+                samples: list = []
+                ev = threading.Event()
+                tl = self.work / f"{tag}.timeline"
+                w = spawn(writer_argv(db, self.work / f"{tag}.stats.json", 3 + p.lag_seconds,
+                                      kind="small", rate=50, timeline=tl),
+                          log_path=self.work / f"{tag}.writer.log")
+                time.sleep(3)
+                stop(proc, 5, signal.SIGKILL)
+                t_restart = time.time()
+                proc = tool.replicate(db, rep, self.work / f"{tag}.{tool.name}.2.log")
+                th = threading.Thread(target=self.poll_visible,
+                                      args=(tool, db, rep, tag, ev, samples), daemon=True)
+                th.start()
+                reap(w, 3 + p.lag_seconds + 60)
+                commits = read_timeline(tl)
+                last_id = commits[-1][1] if commits else 0
+                deadline = time.time() + 15
+                while time.time() < deadline:
+                    seen = [s[2] for s in samples if s[2] is not None]
+                    if seen and max(seen) >= last_id:
+                        break
+                    time.sleep(0.1)
+                ev.set()
+                th.join(90)
+                e = stop(proc)
+                if samples and samples[-1][0] == "failures":
+                    samples.pop()
+                obs = [s for s in samples if s[2] is not None]
+                before = [rid for c, rid in commits if c < t_restart]
+                target = before[-1] if before else 0
+                seen_at = next((s[0] for s in obs if s[2] >= target), None)
+                after = [(c, rid) for c, rid in commits if t_restart <= c < t_restart + 3]
+                lags = []
+                for c, rid in after:
+                    t = next((s[0] for s in obs if s[2] >= rid), None)
+                    if t is not None:
+                        lags.append(max(0.0, t - c))
+                rec = {"what": "restart", "config": f"{tool.name}/file", "round": rnd,
+                       "catch_up_s": (seen_at - t_restart) if seen_at else None,
+                       "lag_after_p50_s": pct(lags, 0.5), "lag_after_max_s":
+                       max(lags) if lags else None, "not_seen": len(after) - len(lags),
+                       "poll_cycle_s": median([s[1] - s[0] for s in samples]), "exit": e.rc}
+                log(f"ops {tool.name:10s} restart r{rnd}: caught up {fmt(rec['catch_up_s'], 3)} s"
+                    f" after the restart; lag of the next 3 s p50 "
+                    f"{fmt(rec['lag_after_p50_s'], 3)} s max {fmt(rec['lag_after_max_s'], 3)} s"
+                    f" (poll {fmt(rec['poll_cycle_s'], 3)} s)")
+                self.raw.setdefault("ops", []).append(rec)
+                remove_db(db)
+
     # ---- 5. idle cost ---------------------------------------------------------------------
 
     def section_idle(self) -> None:
@@ -1464,6 +1572,45 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                                 r["cpu_pct"] is not None and r["cpu_pct"] <= 1))
         L.append("")
 
+    if raw.get("ops"):
+        L.append("## 7. Operations\n")
+        L.append("**The app's own `wal_checkpoint(TRUNCATE)`** (10 s busy timeout, 5 calls per "
+                 "run, each after 20 transactions; replica to a local directory, restored and "
+                 "compared with the source afterwards).\n")
+        L.append("| config | round | seconds per call: median [min–max] | gave up | "
+                 "restore verified |")
+        L.append("| --- | --- | --- | --- | --- |")
+        for r in raw["ops"]:
+            if r["what"] != "app_truncate":
+                continue
+            L.append(f"| {r['config']} | {r['round']} | {rng_str(r['seconds'], 3)} | "
+                     f"{r['busy']} of {len(r['seconds'])} | {'yes' if r['verified'] else 'NO'} |")
+            if r["config"].startswith("walship"):
+                worst = max(r["seconds"])
+                targets.append((f"app's TRUNCATE checkpoint while replicating (r{r['round']})",
+                                "completes within one sync interval (1 s)",
+                                f"max {worst:.3f} s, {r['busy']} gave up",
+                                worst <= 1 and r["busy"] == 0 and r["verified"]))
+        L.append("")
+        L.append("**A replicator restarted** (SIGKILL, then started again at once) under a "
+                 "writer at 50 txn/s: catch-up = from the restart until the last commit made "
+                 "before it is restorable (restore poller, as in section 2: an upper bound by "
+                 "up to one poll cycle); then the lag of the commits of the next 3 s.\n")
+        L.append("| config | round | catch-up s | lag after, p50 s | lag after, max s | "
+                 "not seen | poll cycle s |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in raw["ops"]:
+            if r["what"] != "restart":
+                continue
+            L.append(f"| {r['config']} | {r['round']} | {fmt(r['catch_up_s'], 3)} | "
+                     f"{fmt(r['lag_after_p50_s'], 3)} | {fmt(r['lag_after_max_s'], 3)} | "
+                     f"{r['not_seen']} | {fmt(r['poll_cycle_s'], 3)} |")
+            if r["config"].startswith("walship"):
+                cu = r["catch_up_s"]
+                targets.append((f"caught up after a restart (r{r['round']})", "≤ 1 s",
+                                f"{fmt(cu, 3)} s", cu is not None and cu <= 1))
+        L.append("")
+
     if raw.get("diag"):
         L.append("## Diagnosis: what costs the writer\n")
         L.append("Small transactions at max rate, beside: nothing; `pin` = a process holding a "
@@ -1510,7 +1657,7 @@ def main() -> int:
     ap.add_argument("--rev", help="build walship from this git revision (e.g. HEAD) instead of "
                     "the work tree")
     ap.add_argument("--no-litestream", action="store_true")
-    ap.add_argument("--sections", help="comma-separated subset of load,diag,lag,big,idle "
+    ap.add_argument("--sections", help="comma-separated subset of load,diag,lag,big,idle,ops "
                     "(default all; --smoke: all but diag)")
     ap.add_argument("--out", type=Path, help="results file (default benches/results/<date>.md)")
     ap.add_argument("--work", type=Path, help="scratch dir (default target/bench-work/<run>)")
@@ -1558,7 +1705,7 @@ def main() -> int:
     litestream = Litestream(litestream_bin, work) if litestream_bin else None
     h = Harness(args, prof, walship, litestream, work, moto_exe)
     t0 = time.time()
-    default = "load,lag,big,idle" if args.smoke else "load,diag,lag,big,idle"
+    default = "load,lag,big,idle,ops" if args.smoke else "load,diag,lag,big,idle,ops"
     sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
     try:
         for s in sections:

@@ -1,6 +1,6 @@
 """Smoke run of the benchmark harness (`benches/run.py --smoke`), so that it cannot rot.
 
-Runs every section (write load, lag, restore/memory/snapshot cost, idle) at toy sizes against
+Runs every section (write load, lag, restore/memory/snapshot cost, idle, operations) at toy sizes against
 file:// and a moto S3 server on 127.0.0.1, without Litestream, in well under a minute. It checks
 that the harness works and that what it measured is sane (every replicator exited 0, every
 restore was verified equal to its source, every commit became restorable); it does not judge
@@ -55,7 +55,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     report = out.read_text()
     for heading in ("## Targets", "## 1. Write-load impact", "## 2. Replication lag",
-                    "## 3. Restore speed", "## 6. Snapshot cost", "## 5. Idle cost"):
+                    "## 3. Restore speed", "## 6. Snapshot cost", "## 5. Idle cost",
+                    "## 7. Operations"):
         assert heading in report, f"{heading!r} missing from the report:\n{report}"
     assert report in r.stdout, "the report is not printed"
 
@@ -84,3 +85,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {x["config"] for x in raw["idle"]} == configs
     for x in raw["idle"]:
         assert x["exit"] == 0 and x["requests"]["total"] >= 0 and x["cpu_pct"] is not None, x
+
+    ops = raw["ops"]
+    assert {x["what"] for x in ops} == {"app_truncate", "restart"}, ops
+    for x in ops:
+        assert x["exit"] == 0 and x["config"] == "walship/file", x
+        if x["what"] == "app_truncate":
+            # Judged here only for what it proves about the harness: the calls ran, and the
+            # replica restored equal to the source afterwards.
+            assert len(x["seconds"]) == 5 and x["verified"] is True, x
+        else:
+            assert x["catch_up_s"] is not None and x["not_seen"] == 0, x
