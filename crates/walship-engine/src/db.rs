@@ -246,8 +246,10 @@ impl Db {
             return Ok(true);
         }
         LOCK_DEADLINE.with(|d| d.set(Some(Instant::now() + timeout)));
+        LOCK_SHM.with(|s| *s.borrow_mut() = self.shm.clone());
         let r = self.locker.execute_batch("BEGIN IMMEDIATE");
         LOCK_DEADLINE.with(|d| d.set(None));
+        LOCK_SHM.with(|s| *s.borrow_mut() = None);
         match r {
             Ok(()) => {
                 self.locked = true;
@@ -306,16 +308,7 @@ impl Db {
     /// walship's pin among them. A PASSIVE checkpoint holds no write lock, and an app
     /// transaction no checkpoint lock. Locks of this process are never reported.
     pub fn app_checkpoint_waiting(&self) -> bool {
-        let Some(shm) = &self.shm else {
-            return false;
-        };
-        match (
-            lock_holder(shm, SHM_WRITE_LOCK),
-            lock_holder(shm, SHM_CKPT_LOCK),
-        ) {
-            (Ok(Some(w)), Ok(Some(c))) => w == c,
-            _ => false,
-        }
+        self.shm.as_deref().is_some_and(checkpoint_waiting)
     }
 
     /// The WAL index's header and checkpoint progress, if the `-shm` file can be read and
@@ -390,17 +383,34 @@ thread_local! {
     /// Until when `Db::lock` keeps trying (SQLite calls the busy handler on the thread that
     /// waits).
     static LOCK_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    /// The `-shm` file of the database `Db::lock` waits for.
+    static LOCK_SHM: std::cell::RefCell<Option<Arc<File>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// See `Db::app_checkpoint_waiting`.
+fn checkpoint_waiting(shm: &File) -> bool {
+    match (
+        lock_holder(shm, SHM_WRITE_LOCK),
+        lock_holder(shm, SHM_CKPT_LOCK),
+    ) {
+        (Ok(Some(w)), Ok(Some(c))) => w == c,
+        _ => false,
+    }
 }
 
 /// The write lock's busy handler: tries again every 50 µs until the deadline. SQLite's own
 /// handler backs off to tens of milliseconds between tries, and an app that writes back to
 /// back leaves the lock free only for microseconds between its transactions: it would
-/// almost never be caught free.
-fn retry_until_deadline(_count: i32) -> bool {
+/// almost never be caught free. Gives up at once (checked every 20th try) when the holder
+/// is an app's blocking checkpoint, which waits for the pin and would only wait longer.
+fn retry_until_deadline(count: i32) -> bool {
     let Some(deadline) = LOCK_DEADLINE.with(|d| d.get()) else {
         return false;
     };
     if Instant::now() >= deadline {
+        return false;
+    }
+    if count % 20 == 0 && LOCK_SHM.with(|s| s.borrow().as_deref().is_some_and(checkpoint_waiting)) {
         return false;
     }
     std::thread::sleep(LOCK_RETRY);

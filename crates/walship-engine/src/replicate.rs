@@ -966,7 +966,9 @@ impl Replicator {
     /// published (if not, the app is writing: nothing to do). Then:
     /// 1. unless the index shows everything copied back, the pin moves to the WAL's end (so
     ///    the checkpoint can copy everything), walship ships up to the end read after it
-    ///    (the new S) and waits until the index shows all S frames copied back;
+    ///    (the new S) and waits until the index shows all S frames copied back. The moved
+    ///    pin is clean at S by the argument of step 2 (the app's checkpoint may well have
+    ///    finished copying just before it began);
     /// 2. a new read transaction is taken before the old one ends. It gets read mark 0 only
     ///    if everything published is copied back as it begins; the old pin keeps the copy at
     ///    or before S and S frames were seen published, so that is the WAL at exactly S. A
@@ -987,6 +989,11 @@ impl Replicator {
         if ix.backfilled < ix.max_frame {
             self.on_db(Db::advance_pin).await?;
             self.pin_advanced();
+            // This new pin is clean at S too: with less than S copied back under the old pin
+            // (which stops the copy at or before S), no restart could happen under it; so if
+            // the app's checkpoint finished copying just before this read transaction began,
+            // it got mark 0 with the WAL at exactly S, and a restart from there is continuous.
+            self.tail.clean_pin_at = Some((Some(ix.salts), ix.max_frame));
             self.sync_once().await?;
             if self.tail.generation != generation {
                 return Ok(());
@@ -1136,6 +1143,9 @@ impl Replicator {
         let got = self.on_db(move |db| db.lock(timeout)).await?;
         self.last_handoff = Instant::now();
         if !got {
+            if self.app_checkpointing() {
+                return self.yield_to_app_checkpoint().await;
+            }
             tracing::debug!(db = %self.span_db(), "app busy; checkpoint postponed");
             return Ok(());
         }
