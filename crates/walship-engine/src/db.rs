@@ -246,7 +246,10 @@ impl Db {
             return Ok(true);
         }
         LOCK_DEADLINE.with(|d| d.set(Some(Instant::now() + timeout)));
-        LOCK_SHM.with(|s| *s.borrow_mut() = self.shm.clone());
+        // An app's blocking checkpoint holding the lock waits for the pin: give up on it at
+        // once while pinned (the caller lets it through); unpinned, it finishes by itself.
+        let shm = self.pinned.and(self.shm.clone());
+        LOCK_SHM.with(|s| *s.borrow_mut() = shm);
         let r = self.locker.execute_batch("BEGIN IMMEDIATE");
         LOCK_DEADLINE.with(|d| d.set(None));
         LOCK_SHM.with(|s| *s.borrow_mut() = None);
@@ -401,8 +404,9 @@ fn checkpoint_waiting(shm: &File) -> bool {
 /// The write lock's busy handler: tries again every 50 µs until the deadline. SQLite's own
 /// handler backs off to tens of milliseconds between tries, and an app that writes back to
 /// back leaves the lock free only for microseconds between its transactions: it would
-/// almost never be caught free. Gives up at once (checked every 20th try) when the holder
-/// is an app's blocking checkpoint, which waits for the pin and would only wait longer.
+/// almost never be caught free. While pinned, gives up at once (checked every 20th try) when
+/// the holder is an app's blocking checkpoint, which waits for the pin and would only wait
+/// longer.
 fn retry_until_deadline(count: i32) -> bool {
     let Some(deadline) = LOCK_DEADLINE.with(|d| d.get()) else {
         return false;

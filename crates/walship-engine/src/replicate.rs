@@ -453,6 +453,9 @@ struct Established {
 
 fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
     // Take the write lock so nothing is appended while the pin is re-taken and the WAL read.
+    // An old pin (after a break) proves nothing for what follows, and an app's blocking
+    // checkpoint holding the lock would wait for it: let it go first.
+    db.unpin()?;
     let mut clean = false;
     for _ in 0..10 {
         if db.lock(lock_timeout)? {
@@ -595,13 +598,15 @@ impl Replicator {
     ) -> EngineResult<()> {
         let timeout = self.opts.lock_timeout;
         let est = self.on_db(move |db| establish(db, timeout)).await?;
+        // The pin's bound is the WAL end read under the lock; a resumed tail ships the
+        // frames before it with the next sync, and they must not count as past it.
         self.commits_past_pin = 0;
-        self.pin_bound_pending = false;
+        self.pin_bound_pending = true;
         let after_segments = end.is_some_and(|e| e.header.kind == Kind::Segment);
         let resumed = end.and_then(|end| self.try_resume(&est, end));
         match resumed {
             Some(tail) => {
-                tracing::info!(db = %self.span_db(), generation = %tail.generation, position = tail.position, "resuming replica");
+                tracing::info!(db = %self.span_db(), generation = %tail.generation, position = tail.position, clean = est.clean, wal_end = est.scan.as_ref().map_or(0, |s| s.end()), "resuming replica");
                 self.tail = tail;
                 // A snapshot is due only if segments were shipped after the newest one.
                 self.changed_since_snapshot = after_segments;
@@ -1419,9 +1424,16 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
     // keeps the sequence per connection, and a connection that never restarted the WAL
     // itself writes a header with sequence 0 and random salts.
     if tail.clean_pin_at != Some((tail.salts(), tail.frames())) {
+        let clean = match tail.clean_pin_at {
+            Some((_, f)) => format!("clean pin at frame {f}"),
+            None => "pin not clean".into(),
+        };
         return Ok(Observed::Break(format!(
-            "WAL restarted (salt-1 {:#x}, checkpoint {}) without proof that nothing was lost",
-            h.salt1, h.checkpoint_seq
+            "WAL restarted (salt-1 {:#x}, checkpoint {}) without proof that nothing was lost \
+             ({clean}, shipped to frame {})",
+            h.salt1,
+            h.checkpoint_seq,
+            tail.frames()
         )));
     }
     let mut s = walfile::scan(

@@ -279,6 +279,58 @@ async fn a_wal_restarted_by_any_of_the_apps_connections_continues_the_generation
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_replicator_ships_the_backlog_and_still_proves_the_next_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let opts = ReplicateOptions {
+        checkpoint_frames: 1_000_000,
+        ..fast_opts()
+    };
+    let app = Connection::open(&db).unwrap();
+    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    insert(&app, 3);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        opts.clone(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    let first = h.status().generation;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    // While it is down: a backlog of transactions, all copied back by the app (no restart).
+    insert(&app, 5);
+    app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    // The first sync ships the backlog; those transactions were there before the pin was
+    // taken, so they must not count as proof that a moved pin cannot land on mark 0.
+    h.sync().await.unwrap();
+    h.sync().await.unwrap();
+    // The app's next write restarts the WAL (it was completely copied back).
+    insert(&app, 2);
+    h.sync().await.unwrap();
+    insert(&app, 1);
+    h.sync().await.unwrap();
+    let st = h.status();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        (st.generation, st.generations_started),
+        (first, 0),
+        "the resumed replicator took the app's restart for a break"
+    );
+    let out = dir.path().join("out.db");
+    restore_to(&s.plain, &out).await;
+    assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_deleted_and_recreated_starts_a_new_generation() {
     let dir = tempfile::tempdir().unwrap();
     let db = app_db(dir.path());

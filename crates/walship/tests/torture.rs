@@ -149,7 +149,7 @@ fn trial(seed: u64, url: &str, dir: &Path, extra: &[&str]) -> u32 {
     {
         let lines: Vec<&str> = log.lines().collect();
         let i = lines.iter().position(|l| *l == line).unwrap_or(0);
-        let around = lines[i.saturating_sub(40)..(i + 3).min(lines.len())].join("\n");
+        let around = lines[i.saturating_sub(60)..(i + 3).min(lines.len())].join("\n");
         panic!("{ctx}: a WAL restart was taken for a break: {line}\nlog before it:\n{around}");
     }
     kills

@@ -24,7 +24,11 @@ pub fn walship() -> Command {
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
         .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("WALSHIP_LOG", "info");
+        // WALSHIP_TEST_LOG=debug to see more in a failing test's replicator log.
+        .env(
+            "WALSHIP_LOG",
+            std::env::var("WALSHIP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
     c
 }
 
