@@ -866,6 +866,21 @@ def read_timeline(path: Path) -> list[tuple[float, int]]:
     return [(a[i], int(a[i + 1])) for i in range(0, len(a), 2)]
 
 
+def stop_poller_once_seen(samples: list, commits: list, ev: threading.Event,
+                          th: threading.Thread, timeout: float = 15) -> None:
+    """Lets the restore poller run until it has seen the last commit (at most `timeout`
+    seconds), then stops it."""
+    last_id = commits[-1][1] if commits else 0
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        seen = [s[2] for s in samples if s[2] is not None]
+        if seen and max(seen) >= last_id:
+            break
+        time.sleep(0.1)
+    ev.set()
+    th.join(90)
+
+
 # ----------------------------------------------------------------------------- the harness
 
 
@@ -984,15 +999,7 @@ class Harness:
                     st = run_writer(self.work, tag, db, p.lag_seconds, kind="small", rate=rate,
                                     timeline=tl)
                     commits = read_timeline(tl)
-                    last_id = commits[-1][1] if commits else 0
-                    deadline = time.time() + 15
-                    while time.time() < deadline:
-                        seen = [s[2] for s in samples if s[2] is not None]
-                        if seen and max(seen) >= last_id:
-                            break
-                        time.sleep(0.1)
-                    ev.set()
-                    th.join(90)
+                    stop_poller_once_seen(samples, commits, ev, th)
                     e = stop(proc)
                     failures = samples.pop()[1] if samples and samples[-1][0] == "failures" else 0
                     lags, missing = [], 0
@@ -1244,15 +1251,7 @@ class Harness:
                 th.start()
                 reap(w, 3 + p.lag_seconds + 60)
                 commits = read_timeline(tl)
-                last_id = commits[-1][1] if commits else 0
-                deadline = time.time() + 15
-                while time.time() < deadline:
-                    seen = [s[2] for s in samples if s[2] is not None]
-                    if seen and max(seen) >= last_id:
-                        break
-                    time.sleep(0.1)
-                ev.set()
-                th.join(90)
+                stop_poller_once_seen(samples, commits, ev, th)
                 e = stop(proc)
                 if samples and samples[-1][0] == "failures":
                     samples.pop()

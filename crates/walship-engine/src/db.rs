@@ -320,7 +320,7 @@ impl Db {
         let shm = self.shm.as_ref()?;
         let mut b = [0u8; SHM_BACKFILL + 4];
         for _ in 0..100 {
-            read_exact_at(shm, &mut b, 0).ok()?;
+            std::os::unix::fs::FileExt::read_exact_at(&**shm, &mut b, 0).ok()?;
             let (h1, rest) = b.split_at(SHM_HEADER);
             if h1 != &rest[..SHM_HEADER] {
                 std::hint::spin_loop();
@@ -436,14 +436,17 @@ fn begin_read(conn: &Connection) -> EngineResult<()> {
 
 /// The WAL path of a database.
 pub fn wal_path(db: &Path) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push("-wal");
-    PathBuf::from(s)
+    sibling(db, "-wal")
 }
 
 fn shm_path(db: &Path) -> PathBuf {
+    sibling(db, "-shm")
+}
+
+/// The database's path with `suffix` appended, as SQLite names its `-wal` and `-shm` files.
+fn sibling(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
-    s.push("-shm");
+    s.push(suffix);
     PathBuf::from(s)
 }
 
@@ -480,11 +483,6 @@ fn shm_handle(path: &Path) -> Option<Arc<File>> {
     let f = Arc::new(f);
     open.insert(id, f.clone());
     Some(f)
-}
-
-fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    f.read_exact_at(buf, offset)
 }
 
 /// The process holding a lock that conflicts with an exclusive lock on `byte` of `f`, if

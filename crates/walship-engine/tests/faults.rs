@@ -87,6 +87,13 @@ async fn restore_to(replica: &Replica, out: &Path) -> walship_engine::RestoreRep
         .unwrap()
 }
 
+/// Restores the replica next to `db` and checks it holds exactly what `db` holds.
+async fn assert_restores_equal(replica: &Replica, dir: &Path, db: &Path) {
+    let out = dir.join("out.db");
+    restore_to(replica, &out).await;
+    assert_eq!(digest(&out), digest(db));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_failing_for_a_while_loses_nothing_once_it_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,9 +124,7 @@ async fn a_store_failing_for_a_while_loses_nothing_once_it_recovers() {
     h.sync().await.unwrap();
     cancel.cancel();
     task.await.unwrap().unwrap();
-    let out = dir.path().join("out.db");
-    restore_to(&s.plain, &out).await;
-    assert_eq!(digest(&out), digest(&db));
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,9 +226,7 @@ async fn the_apps_truncate_checkpoint_never_loses_frames() {
     h.sync().await.unwrap();
     cancel.cancel();
     task.await.unwrap().unwrap();
-    let out = dir.path().join("out.db");
-    restore_to(&s.plain, &out).await;
-    assert_eq!(digest(&out), digest(&db));
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,9 +276,7 @@ async fn a_wal_restarted_by_any_of_the_apps_connections_continues_the_generation
         (first, 1),
         "a restart of the WAL by another connection of the app was taken for a break"
     );
-    let out = dir.path().join("out.db");
-    restore_to(&s.plain, &out).await;
-    assert_eq!(digest(&out), digest(&db));
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,9 +326,7 @@ async fn a_resumed_replicator_ships_the_backlog_and_still_proves_the_next_restar
         (first, 0),
         "the resumed replicator took the app's restart for a break"
     );
-    let out = dir.path().join("out.db");
-    restore_to(&s.plain, &out).await;
-    assert_eq!(digest(&out), digest(&db));
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,10 +372,8 @@ async fn a_database_deleted_and_recreated_starts_a_new_generation() {
         "no new generation after the database was replaced: {:?}",
         h.status()
     );
-    let out = dir.path().join("out.db");
-    restore_to(&s.plain, &out).await;
-    assert_eq!(digest(&out), digest(&db));
-    assert_eq!(digest(&out).0, 7);
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+    assert_eq!(digest(&db).0, 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,9 +420,7 @@ async fn once_shipped_the_apps_checkpoints_are_not_held_up_by_the_pin() {
     h.sync().await.unwrap();
     cancel.cancel();
     task.await.unwrap().unwrap();
-    let out = dir.path().join("out.db");
-    restore_to(&s.plain, &out).await;
-    assert_eq!(digest(&out), digest(&db));
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -465,7 +460,5 @@ async fn a_due_snapshot_waits_for_the_next_write_instead_of_costing_requests_whi
     assert_eq!(snapshots().await, at_start + 1);
     cancel.cancel();
     task.await.unwrap().unwrap();
-    let out = dir.path().join("out.db");
-    restore_to(&s.plain, &out).await;
-    assert_eq!(digest(&out), digest(&db));
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
