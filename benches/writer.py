@@ -13,7 +13,10 @@ Runs --seconds (or until SIGTERM, which ends it cleanly with its summary written
 
 Writes a JSON summary to --stats (txn count, txn/s, latency percentiles of a whole
 transaction, BEGIN to COMMIT returned) and, with --timeline, a binary file of float64 pairs
-(wall-clock commit time, last row id) for every committed transaction.
+(wall-clock commit time, last row id) for every committed transaction. With --wal-pos each
+record has three more: the WAL's salt-1, salt-2 and last valid frame after the commit, read
+from the WAL index (`-shm`) SQLite just updated, so a driver can match each commit to the
+replica object that carries it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 import argparse
 import array
 import json
+import mmap
 import random
 import signal
 import sqlite3
+import struct
 import sys
 import time
 
@@ -42,6 +47,20 @@ def percentile(sorted_values, q: float) -> float:
     return sorted_values[k]
 
 
+class WalIndex:
+    """Reads the WAL index header's first copy: mxFrame (native byte order, offset 16) and
+    the WAL salts (as the WAL header holds them, big-endian, offset 32)."""
+
+    def __init__(self, db: str):
+        self.f = open(db + "-shm", "rb")
+        self.m = mmap.mmap(self.f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def position(self) -> tuple[int, int, int]:
+        (mx_frame,) = struct.unpack_from("=I", self.m, 16)
+        salt1, salt2 = struct.unpack_from(">II", self.m, 32)
+        return salt1, salt2, mx_frame
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--db", required=True)
@@ -55,6 +74,8 @@ def main() -> int:
                     help="PRAGMA wal_autocheckpoint (SQLite's default 1000; 0 = off)")
     ap.add_argument("--stats", required=True)
     ap.add_argument("--timeline")
+    ap.add_argument("--wal-pos", action="store_true",
+                    help="add the WAL position after each commit to the timeline")
     ap.add_argument("--start-at", type=float, default=0.0,
                     help="wall-clock time to start at (lets the driver align windows)")
     args = ap.parse_args()
@@ -77,6 +98,7 @@ def main() -> int:
         if max_big == 0:
             print("writer: table big is empty", file=sys.stderr)
             return 2
+    wal_index = WalIndex(args.db) if args.wal_pos and args.timeline else None
     rng = random.Random(args.seed)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -134,6 +156,8 @@ def main() -> int:
         if args.timeline is not None:
             timeline.append(time.time())
             timeline.append(float(cur.lastrowid or 0))
+            if wal_index is not None:
+                timeline.extend(wal_index.position())
         n += 1
     elapsed = time.perf_counter() - t_start
     con.close()

@@ -74,6 +74,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for x in raw["lag"]:
         assert x["commits"] > 0 and x["not_seen"] == 0 and x["exit"] == 0, x
         assert 0 <= x["p50_s"] <= x["p99_s"] < 30, x
+        # every commit is matched to the object that carries it, by WAL position
+        assert x["durable_unmatched"] == 0, x
+        assert 0 <= x["durable_p50_s"] <= x["durable_p99_s"] < 30, x
 
     assert {x["config"] for x in raw["big"]} == configs
     for x in raw["big"]:
