@@ -28,21 +28,32 @@ use crate::cli::{
 /// its own arena (up to 8 per core), and each keeps the memory freed into it: with the
 /// runtime's blocking threads taking turns at multi-megabyte upload and download buffers,
 /// the resident size grew with the number of threads rather than with the work in flight.
+///
+/// A long-running replicator (`long_running`) also gets a fixed mmap threshold of 2 MiB:
+/// glibc otherwise raises the threshold to the size of every large buffer freed (up to
+/// 32 MiB), after which upload buffers of several MiB come from the heap and their pages stay
+/// resident once freed. With the threshold fixed they are returned when an upload ends: peak
+/// RSS under a stream of 256 KiB transactions to S3 went from 62–72 MiB to 46–48 MiB. Restore
+/// keeps glibc's default; its 1 MiB download chunks are reused from the heap, not faulted in
+/// afresh.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn limit_malloc_arenas() {
-    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+fn tune_malloc(long_running: bool) {
+    // SAFETY: mallopt only sets allocator parameters; called before any thread starts.
     #[allow(unsafe_code)]
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        if long_running {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
+        }
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn limit_malloc_arenas() {}
+fn tune_malloc(_long_running: bool) {}
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     let cli = Cli::parse();
+    tune_malloc(matches!(cli.command, Command::Replicate(_)));
     init_logging(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
