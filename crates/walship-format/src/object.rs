@@ -21,8 +21,12 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const HEADER_SIZE: usize = 96;
 /// Size of the trailer.
 pub const TRAILER_SIZE: usize = 28;
-/// Largest raw block.
+/// Largest raw block a reader accepts.
 pub const MAX_BLOCK: usize = 4 * 1024 * 1024;
+/// Raw block size the writer uses. LZ4 matches reach back 64 KiB at most, so 1 MiB blocks
+/// compress as well as 4 MiB ones, and their buffers stay in the allocator's heap and are
+/// reused from object to object instead of being mapped and faulted in afresh for each.
+pub const WRITE_BLOCK: usize = 1024 * 1024;
 /// Size of a block header.
 pub const BLOCK_HEADER_SIZE: usize = 8;
 
@@ -255,6 +259,9 @@ pub struct ObjectWriter<W: Write> {
     out: W,
     crc: crc32fast::Hasher,
     block: Vec<u8>,
+    /// Compressed output of a block, kept across blocks (a fresh 4 MiB buffer per block
+    /// cost page faults on every block).
+    compressed: Vec<u8>,
     body_len: u64,
     raw_written: u64,
     raw_expected: u64,
@@ -285,10 +292,11 @@ impl<W: Write> ObjectWriter<W> {
             out,
             crc,
             block: Vec::new(),
+            compressed: Vec::new(),
             body_len: 0,
             raw_written: 0,
             raw_expected: header.raw_len,
-            block_size: MAX_BLOCK,
+            block_size: WRITE_BLOCK,
             seal: None,
         })
     }
@@ -319,10 +327,11 @@ impl<W: Write> ObjectWriter<W> {
             out,
             crc,
             block: Vec::new(),
+            compressed: Vec::new(),
             body_len: PREAMBLE_SIZE as u64,
             raw_written: 0,
             raw_expected: header.raw_len,
-            block_size: MAX_BLOCK,
+            block_size: WRITE_BLOCK,
             seal: Some(Sealing {
                 key: key.clone(),
                 prefix: nonce_prefix,
@@ -349,26 +358,38 @@ impl<W: Write> ObjectWriter<W> {
         if self.block.is_empty() {
             return Ok(());
         }
-        let mut compressed = lz4_flex::block::compress(&self.block);
-        if let Some(seal) = &mut self.seal {
-            compressed = seal
-                .key
-                .seal(
-                    &seal.prefix,
-                    &seal.context,
-                    seal.next_index,
-                    false,
-                    &compressed,
-                )
-                .map_err(FormatError::into_io)?;
-            seal.next_index += 1;
-        }
+        let mut out = std::mem::take(&mut self.compressed);
+        out.resize(
+            lz4_flex::block::get_maximum_output_size(self.block.len()),
+            0,
+        );
+        let n = lz4_flex::block::compress_into(&self.block, &mut out)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let sealed = match &mut self.seal {
+            Some(seal) => {
+                let s = seal
+                    .key
+                    .seal(
+                        &seal.prefix,
+                        &seal.context,
+                        seal.next_index,
+                        false,
+                        &out[..n],
+                    )
+                    .map_err(FormatError::into_io)?;
+                seal.next_index += 1;
+                Some(s)
+            }
+            None => None,
+        };
+        let body = sealed.as_deref().unwrap_or(&out[..n]);
         let mut bh = [0u8; BLOCK_HEADER_SIZE];
         put32(&mut bh, 0, self.block.len() as u32);
-        put32(&mut bh, 4, compressed.len() as u32);
+        put32(&mut bh, 4, body.len() as u32);
         self.emit(&bh)?;
-        self.emit(&compressed)?;
+        self.emit(body)?;
         self.block.clear();
+        self.compressed = out;
         Ok(())
     }
 
@@ -706,6 +727,43 @@ mod tests {
         let (h2, raw2) = decode_from_slice(&bytes).expect("decode");
         assert_eq!(h, h2);
         assert_eq!(raw, raw2);
+    }
+
+    /// Raw lengths of the blocks of a plain object's body.
+    fn block_lengths(bytes: &[u8]) -> Vec<usize> {
+        let mut at = HEADER_SIZE;
+        let mut out = Vec::new();
+        loop {
+            let raw = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let stored = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+            at += BLOCK_HEADER_SIZE + stored;
+            if raw == 0 {
+                return out;
+            }
+            out.push(raw);
+        }
+    }
+
+    #[test]
+    fn writer_cuts_1_mib_blocks_and_reader_takes_blocks_up_to_4_mib() {
+        let h = snapshot_header(1300, 4096); // 5.08 MiB raw
+        let raw: Vec<u8> = (0..h.raw_len).map(|i| (i % 251) as u8).collect();
+        let mut w = ObjectWriter::new(Vec::new(), &h).expect("new");
+        w.write_all(&raw).expect("write");
+        let bytes = w.finish().expect("finish");
+        let lens = block_lengths(&bytes);
+        assert_eq!(lens.len(), 6, "{lens:?}");
+        assert!(lens[..5].iter().all(|&n| n == WRITE_BLOCK), "{lens:?}");
+        assert_eq!(decode_from_slice(&bytes).expect("decode").1, raw);
+
+        // Objects written with the largest block a reader accepts still read.
+        let mut w = ObjectWriter::new(Vec::new(), &h)
+            .expect("new")
+            .with_block_size(MAX_BLOCK);
+        w.write_all(&raw).expect("write");
+        let bytes = w.finish().expect("finish");
+        assert_eq!(block_lengths(&bytes)[0], MAX_BLOCK);
+        assert_eq!(decode_from_slice(&bytes).expect("decode").1, raw);
     }
 
     #[test]
