@@ -38,6 +38,13 @@ const FOLLOW_UP: Duration = Duration::from_millis(5);
 /// At most this many of them (reading the WAL only; nothing is sent while it is unchanged).
 const FOLLOW_UPS: u32 = 40;
 
+/// Whether the app writes so few frames that within one sync gap its WAL grows by less than
+/// a quarter of the checkpoint threshold: then a handoff needs neither the syncs that bring
+/// the pin near the end before the lock nor quick follow-up syncs after it.
+fn light_load(frames_per_sec: f64, min_sync_gap: Duration, checkpoint_frames: u32) -> bool {
+    frames_per_sec * min_sync_gap.as_secs_f64() < f64::from((checkpoint_frames / 4).max(1))
+}
+
 /// Frames per segment for this WAL (see [`SEGMENT_BYTES`]).
 fn segment_frames(h: &WalHeader) -> u32 {
     u32::try_from(SEGMENT_BYTES / h.frame_size().max(1))
@@ -383,6 +390,11 @@ struct Replicator {
     pin_moved: bool,
     /// Frames shipped by the last round: a measure of the write load.
     round_frames: u32,
+    /// The app's write rate, frames per second over the last second or more of rounds
+    /// (`rate_since`, `rate_frames`: the window being counted).
+    frames_per_sec: f64,
+    rate_since: Instant,
+    rate_frames: u64,
     /// A handoff left the pin on mark 0: sync again shortly, this many times at most, until
     /// it moves.
     follow_up: u32,
@@ -565,6 +577,9 @@ impl Replicator {
             pin_bound_pending: false,
             pin_moved: false,
             round_frames: 0,
+            frames_per_sec: 0.0,
+            rate_since: Instant::now(),
+            rate_frames: 0,
             follow_up: 0,
             last_sync: Instant::now(),
             dirty,
@@ -1135,7 +1150,14 @@ impl Replicator {
         // (see `maybe_advance_pin`), so three syncs bring it twice near the WAL's end, and
         // what is left for the locked part is what was committed during the last copy.
         self.checkpoint_to_pin().await?;
-        for _ in 0..3 {
+        // Under a light load what the locked part ships is a few transactions anyway, and
+        // each of these syncs would upload an object of its own.
+        let light = light_load(
+            self.frames_per_sec,
+            self.opts.min_sync_gap,
+            self.opts.checkpoint_frames,
+        );
+        for _ in 0..if light { 0 } else { 3 } {
             self.sync_once().await?;
             if self.pin_moved {
                 self.checkpoint_to_pin().await?;
@@ -1217,8 +1239,18 @@ impl Replicator {
             self.tail.clean_pin_at = Some((hdr.map(|h| (h.salt1, h.salt2)), self.tail.frames()));
             // Until the pin can move off mark 0 (two transactions of the app shipped), every
             // commit past the app's autocheckpoint threshold pays for a futile checkpoint:
-            // look again soon rather than a sync gap later.
-            self.follow_up = FOLLOW_UPS;
+            // look again soon rather than a sync gap later — unless the app writes so little
+            // that its WAL cannot get near that threshold within a sync gap, when each look
+            // would only upload an object of one transaction.
+            self.follow_up = if light_load(
+                self.frames_per_sec,
+                self.opts.min_sync_gap,
+                self.opts.checkpoint_frames,
+            ) {
+                0
+            } else {
+                FOLLOW_UPS
+            };
             let ckpt_ms = t1.elapsed().as_millis() as u64;
             tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, ship_ms, ckpt_ms, "checkpoint");
             self.publish(|s| s.checkpoints += 1);
@@ -1338,6 +1370,13 @@ impl Replicator {
         let shipped = self.sync_once().await;
         let after = self.status.borrow().frames_shipped;
         self.round_frames = u32::try_from(after.saturating_sub(before)).unwrap_or(u32::MAX);
+        self.rate_frames += u64::from(self.round_frames);
+        let window = self.rate_since.elapsed();
+        if window >= Duration::from_secs(1) {
+            self.frames_per_sec = self.rate_frames as f64 / window.as_secs_f64();
+            self.rate_frames = 0;
+            self.rate_since = Instant::now();
+        }
         let shipped = shipped?;
         if self.app_checkpointing() {
             // The app's own checkpoint holds the write lock a handoff would wait for, and
@@ -1526,4 +1565,22 @@ fn watch_files(
     _gap: Duration,
 ) -> Option<Watcher> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_is_light_when_a_sync_gap_adds_under_a_quarter_of_the_checkpoint_threshold() {
+        let gap = Duration::from_millis(200);
+        // 100 transactions a second of ~9 pages: 180 frames per gap, under 250.
+        assert!(light_load(900.0, gap, 1000));
+        assert!(light_load(0.0, gap, 1000));
+        // 1,250 frames a second make 250 per gap: not light; a writer at full speed even less.
+        assert!(!light_load(1250.0, gap, 1000));
+        assert!(!light_load(80_000.0, gap, 1000));
+        // The threshold follows the configured checkpoint size.
+        assert!(light_load(1250.0, gap, 2000));
+    }
 }
