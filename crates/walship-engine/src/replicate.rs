@@ -961,6 +961,15 @@ impl Replicator {
         Ok(())
     }
 
+    /// Whether the app's current write rate is light (see [`light_load`]).
+    fn light_load(&self) -> bool {
+        light_load(
+            self.frames_per_sec,
+            self.opts.min_sync_gap,
+            self.opts.checkpoint_frames,
+        )
+    }
+
     /// Bookkeeping after the pin moved: its mark is bounded once the WAL is read again, and
     /// no restart can be proven continuous under it.
     fn pin_advanced(&mut self) {
@@ -1152,12 +1161,7 @@ impl Replicator {
         self.checkpoint_to_pin().await?;
         // Under a light load what the locked part ships is a few transactions anyway, and
         // each of these syncs would upload an object of its own.
-        let light = light_load(
-            self.frames_per_sec,
-            self.opts.min_sync_gap,
-            self.opts.checkpoint_frames,
-        );
-        for _ in 0..if light { 0 } else { 3 } {
+        for _ in 0..if self.light_load() { 0 } else { 3 } {
             self.sync_once().await?;
             if self.pin_moved {
                 self.checkpoint_to_pin().await?;
@@ -1242,15 +1246,7 @@ impl Replicator {
             // look again soon rather than a sync gap later — unless the app writes so little
             // that its WAL cannot get near that threshold within a sync gap, when each look
             // would only upload an object of one transaction.
-            self.follow_up = if light_load(
-                self.frames_per_sec,
-                self.opts.min_sync_gap,
-                self.opts.checkpoint_frames,
-            ) {
-                0
-            } else {
-                FOLLOW_UPS
-            };
+            self.follow_up = if self.light_load() { 0 } else { FOLLOW_UPS };
             let ckpt_ms = t1.elapsed().as_millis() as u64;
             tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, ship_ms, ckpt_ms, "checkpoint");
             self.publish(|s| s.checkpoints += 1);
