@@ -489,6 +489,12 @@ impl Lease {
         Ok(())
     }
 
+    /// Until when the holder may start writing without renewing (half the TTL after its
+    /// last lease write; see [`Lease::ensure`]).
+    pub fn write_deadline(&self) -> std::time::Instant {
+        self.sent + self.opts.ttl / 2
+    }
+
     /// The current sequence.
     pub fn seq(&self) -> u64 {
         self.seq

@@ -15,6 +15,8 @@
 //!   what a newcomer does.
 //! - [`retention`]: which snapshots and segments a replica keeps ([`RetentionPolicy`]),
 //!   applied by the replicator after each snapshot upload.
+//! - [`compact`]: runs of small segments merged into larger ones ([`CompactionOptions`]), so
+//!   a restore fetches few objects; run by the replicator beside its syncs.
 //! - [`inspect`]: reading databases for the tools: SQL dumps, row counts, schemas and
 //!   their differences, copies of single tables, one snapshot decoded into a file.
 //!
@@ -39,6 +41,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod compact;
 pub mod db;
 mod error;
 pub mod inspect;
@@ -62,6 +65,7 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+pub use crate::compact::CompactionOptions;
 pub use crate::lease::{LeaseOptions, OnConflict};
 pub use crate::replica::Replica;
 pub use crate::replicate::{ReplicateOptions, ReplicatorHandle, Status};

@@ -242,6 +242,55 @@ fn same_object(a: &ObjectHeader, b: &ObjectHeader) -> bool {
     )
 }
 
+/// The segments a restore applies after a snapshot (or segment) ending at `from`, in order:
+/// from each position, of the segments that cover it (start at or before it, end after it),
+/// written at or before `target_ms` and not in `exclude`, the one that reaches furthest. It
+/// stops at the first position no such segment covers.
+///
+/// A segment may start before the position it is applied at (a merged segment starting
+/// before a snapshot): replaying frames the image already holds leaves every page as it was
+/// at the segment's end, so this is exact (docs/format.md, "Restore").
+pub fn chain<'a>(
+    segments: &'a [Listed],
+    from: u64,
+    target_ms: i64,
+    exclude: &std::collections::HashSet<String>,
+) -> Vec<&'a Listed> {
+    let mut sorted: Vec<(u64, u64, &Listed)> = segments
+        .iter()
+        .filter_map(|l| match l.key {
+            ObjectKey::Segment {
+                start,
+                end,
+                timestamp_ms,
+                ..
+            } if timestamp_ms <= target_ms && !exclude.contains(&l.name) => Some((start, end, l)),
+            _ => None,
+        })
+        .collect();
+    sorted.sort_by_key(|(s, e, _)| (*s, *e));
+    let mut out = Vec::new();
+    let mut end = from;
+    let mut i = 0;
+    let mut best: Option<(u64, &Listed)> = None;
+    loop {
+        while i < sorted.len() && sorted[i].0 <= end {
+            let (_, e, l) = sorted[i];
+            if best.is_none_or(|(b, _)| e > b) {
+                best = Some((e, l));
+            }
+            i += 1;
+        }
+        match best {
+            Some((e, l)) if e > end => {
+                out.push(l);
+                end = e;
+            }
+            _ => return out,
+        }
+    }
+}
+
 fn snapshot_position(k: &ObjectKey) -> u64 {
     match k {
         ObjectKey::Snapshot { position, .. } => *position,
@@ -304,5 +353,68 @@ impl Write for ChannelWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn seg(start: u64, end: u64, ts: i64) -> Listed {
+        let key = ObjectKey::Segment {
+            generation: GenerationId(7),
+            start,
+            end,
+            timestamp_ms: ts,
+        };
+        Listed {
+            name: key.format(),
+            key,
+            size: 1,
+        }
+    }
+
+    fn ends(c: &[&Listed]) -> Vec<(u64, u64)> {
+        c.iter().map(|l| segment_range(&l.key)).collect()
+    }
+
+    #[test]
+    fn the_chain_takes_the_merged_segment_over_its_parts() {
+        let segs = vec![
+            seg(10, 20, 1),
+            seg(20, 30, 2),
+            seg(10, 40, 3),
+            seg(30, 40, 3),
+            seg(40, 50, 4),
+        ];
+        let none = HashSet::new();
+        assert_eq!(
+            ends(&chain(&segs, 10, i64::MAX, &none)),
+            vec![(10, 40), (40, 50)]
+        );
+        // Before the merged segment's time, its parts are the chain.
+        assert_eq!(ends(&chain(&segs, 10, 2, &none)), vec![(10, 20), (20, 30)]);
+        // Without it (say it was found corrupt), the parts.
+        let bad: HashSet<String> = [segs[2].name.clone()].into();
+        assert_eq!(
+            ends(&chain(&segs, 10, i64::MAX, &bad)),
+            vec![(10, 20), (20, 30), (30, 40), (40, 50)]
+        );
+    }
+
+    #[test]
+    fn the_chain_uses_a_segment_that_starts_before_the_snapshot_and_stops_at_a_gap() {
+        // A snapshot at 25 inside a merged segment (10, 40] whose parts are gone.
+        let segs = vec![seg(10, 40, 3), seg(40, 50, 4), seg(60, 70, 5)];
+        let none = HashSet::new();
+        assert_eq!(
+            ends(&chain(&segs, 25, i64::MAX, &none)),
+            vec![(10, 40), (40, 50)]
+        );
+        // Segments ending at or before the start are never taken.
+        assert!(chain(&segs, 50, i64::MAX, &none).is_empty());
+        assert!(chain(&segs, 40, 3, &none).is_empty());
     }
 }

@@ -20,6 +20,7 @@ use walship_format::object::{FLAG_LZ4, Kind, ObjectHeader, WalState};
 use walship_format::wal::{Checksum, FrameChain, WalHeader};
 
 use crate::AbortOnDrop;
+use crate::compact::{CompactionOptions, Compactor, Piece, Shipped};
 use crate::db::{CheckpointMode, Db};
 use crate::error::{EngineError, EngineResult};
 use crate::lease::{Lease, LeaseOptions};
@@ -76,6 +77,8 @@ pub struct ReplicateOptions {
     /// Writer fencing (docs/format.md, "Lease"); `None` writes without a lease (only safe
     /// when nothing else can write to the replica). Default: on, 30 s, wait.
     pub lease: Option<LeaseOptions>,
+    /// Merging runs of small segments ([`crate::compact`]). Default: on, 16 at a time.
+    pub compaction: CompactionOptions,
 }
 
 impl Default for ReplicateOptions {
@@ -89,6 +92,7 @@ impl Default for ReplicateOptions {
             enable_wal: false,
             retention: RetentionPolicy::default(),
             lease: Some(LeaseOptions::default()),
+            compaction: CompactionOptions::default(),
         }
     }
 }
@@ -137,6 +141,10 @@ pub struct Status {
     pub errors_by_kind: BTreeMap<&'static str, u64>,
     /// Rounds that failed in a row; 0 after a successful sync.
     pub consecutive_errors: u64,
+    /// Merged segments written ([`crate::compact`]).
+    pub segments_merged: u64,
+    /// Segments deleted after a merged segment covered them for the keep time.
+    pub merged_parts_deleted: u64,
 }
 
 /// A short, stable name for the kind of an error, for metrics and alerts:
@@ -403,6 +411,8 @@ struct Replicator {
     dirty: Arc<AtomicI64>,
     /// The oldest WAL change taken from `dirty` and not yet shipped.
     pending_since: Option<i64>,
+    /// The compaction task and what feeds it the segments shipped; `None` when off.
+    compactor: Option<(mpsc::Sender<Shipped>, AbortOnDrop)>,
 }
 
 fn now_ms() -> i64 {
@@ -437,13 +447,12 @@ async fn replica_end(
     };
     let mut end = position;
     let mut last_name = snap.name.clone();
-    for seg in &objs.segments {
-        if let ObjectKey::Segment { start, end: e, .. } = seg.key
-            && start == end
-        {
-            end = e;
-            last_name = seg.name.clone();
-        }
+    let chain = crate::replica::chain(&objs.segments, position, i64::MAX, &Default::default());
+    if let Some(last) = chain.last()
+        && let ObjectKey::Segment { end: e, .. } = last.key
+    {
+        end = e;
+        last_name = last.name.clone();
     }
     match replica.read_header(&last_name).await {
         Ok(header) if header.generation == generation.0 && header.end == end => {
@@ -556,6 +565,16 @@ impl Replicator {
             overlay: HashMap::new(),
             clean_pin_at: None,
         };
+        let compactor = opts.compaction.enabled().then(|| {
+            let (tx, rx) = mpsc::channel(1024);
+            let c = Compactor::new(
+                replica.clone(),
+                opts.compaction.clone(),
+                status.clone(),
+                db_path.display().to_string(),
+            );
+            (tx, AbortOnDrop(tokio::spawn(c.run(rx).in_current_span())))
+        });
         let mut rep = Replicator {
             db,
             db_path,
@@ -584,6 +603,7 @@ impl Replicator {
             last_sync: Instant::now(),
             dirty,
             pending_since: None,
+            compactor,
         };
         // The first snapshot reads WAL frames a restart may overwrite when the pin sits on a
         // completely checkpointed WAL (read mark 0): take the pin again and start over.
@@ -1126,6 +1146,18 @@ impl Replicator {
                 walfile::copy_frames(&wal_path, &hdr, &frames, w)
             })
             .await?;
+        if let Some((tx, _)) = &self.compactor {
+            // A full queue drops the piece: the compactor sees a gap and starts a new run.
+            let _ = tx.try_send(Shipped {
+                piece: Piece {
+                    name: key,
+                    header,
+                    size: bytes,
+                    level: 0,
+                },
+                write_deadline: self.lease.as_ref().map(Lease::write_deadline),
+            });
+        }
         for f in &scan.frames {
             self.tail.overlay.insert(f.pgno, *f);
         }
@@ -1346,6 +1378,8 @@ impl Replicator {
             }
             Err(e) => tracing::error!(db = %self.span_db(), error = %e, "final sync failed"),
         }
+        // No merge may write after the lease is given up.
+        self.compactor = None;
         // Let a successor continue at once.
         if self.lease_lost.is_none()
             && let Some(lease) = self.lease.as_mut()

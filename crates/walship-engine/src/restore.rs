@@ -2,6 +2,7 @@
 //! before a target time), then every segment that continues it, verified and applied in order, into a
 //! temporary file that is checked and renamed into place only at the end.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -65,6 +66,9 @@ pub struct RestoreReport {
     pub skipped: Vec<(String, String)>,
     /// Wall time in milliseconds.
     pub elapsed_ms: u64,
+    /// The segment at which the chain stopped early (it failed to verify, or was deleted
+    /// while the restore ran, again and again), if any.
+    pub stopped_at: Option<String>,
 }
 
 /// Restores the replica into `output`.
@@ -73,6 +77,24 @@ pub async fn restore(
     output: &Path,
     opts: &RestoreOptions,
 ) -> EngineResult<RestoreReport> {
+    // A live replicator may delete segments that a newer merged segment covers while this
+    // restore runs (after they aged past its keep time): list again and start over.
+    for relist in [true, true, false] {
+        if let Some(report) = restore_listed(replica, output, opts, relist).await? {
+            return Ok(report);
+        }
+    }
+    Err(EngineError::Task("restore gave up listing again".into()))
+}
+
+/// One restore from one listing. With `relist`, returns `None` (and writes nothing) when a
+/// listed segment disappeared before it was read.
+async fn restore_listed(
+    replica: &Replica,
+    output: &Path,
+    opts: &RestoreOptions,
+    relist: bool,
+) -> EngineResult<Option<RestoreReport>> {
     let t0 = Instant::now();
     if output.exists() && !opts.overwrite {
         return Err(EngineError::OutputExists {
@@ -94,25 +116,53 @@ pub async fn restore(
             let ObjectKey::Snapshot { position, .. } = snap.key else {
                 continue;
             };
-            let mut chain: Vec<&Listed> = Vec::new();
-            let mut end = position;
-            for seg in &objs.segments {
-                if let ObjectKey::Segment {
-                    start,
-                    end: e,
-                    timestamp_ms,
-                    ..
-                } = seg.key
-                    && start == end
-                    && timestamp_ms <= target
+            // A segment found corrupt is left out and the chain planned again: the parts
+            // of a merged segment (or the merged one) may still carry the history past it.
+            let mut bad: HashSet<String> = HashSet::new();
+            let result = loop {
+                let chain = crate::replica::chain(&objs.segments, position, target, &bad);
+                // Whether leaving `key` out too gives a chain reaching past `reached`.
+                let better = |key: &str, reached: u64| -> bool {
+                    let mut without = bad.clone();
+                    without.insert(key.to_string());
+                    let alt = crate::replica::chain(&objs.segments, position, target, &without);
+                    alt.last().is_some_and(|l| match l.key {
+                        ObjectKey::Segment { end, .. } => end > reached,
+                        ObjectKey::Snapshot { .. } => false,
+                    })
+                };
+                match attempt(
+                    replica,
+                    generation,
+                    snap,
+                    &chain,
+                    output,
+                    opts,
+                    OnStop {
+                        better_without: &better,
+                        relist,
+                    },
+                )
+                .await
                 {
-                    chain.push(seg);
-                    end = e;
+                    Ok(Attempt::Done(report)) => break Ok(report),
+                    Ok(Attempt::Gone { key }) => {
+                        tracing::warn!(%key, "a segment disappeared during the restore; listing the replica again");
+                        return Ok(None);
+                    }
+                    Ok(Attempt::Avoid { key, why, reached }) => {
+                        tracing::warn!(generation = %generation, %key, reason = %why, position = reached, "a segment is unusable; restoring again around it");
+                        bad.insert(key.clone());
+                        skipped.push((key, why));
+                    }
+                    Err(e) => break Err(e),
                 }
-            }
-            match attempt(replica, generation, snap, &chain, output, opts).await {
+            };
+            match result {
                 Ok(mut report) => {
                     skipped.append(&mut report.skipped);
+                    skipped.sort();
+                    skipped.dedup();
                     report.skipped = skipped;
                     report.elapsed_ms = t0.elapsed().as_millis() as u64;
                     for (key, why) in &report.skipped {
@@ -122,7 +172,7 @@ pub async fn restore(
                         generation = %generation, position = report.position, segments = report.segments,
                         bytes = report.bytes, elapsed_ms = report.elapsed_ms, "restored"
                     );
-                    return Ok(report);
+                    return Ok(Some(report));
                 }
                 Err(EngineError::Corrupt { key, source }) => {
                     tracing::warn!(%key, error = %source, "snapshot unusable; trying an older one");
@@ -196,6 +246,30 @@ fn sibling(output: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// What an attempt does when its chain stops early.
+#[derive(Clone, Copy)]
+struct OnStop<'a> {
+    /// Whether leaving the segment out gives a chain reaching past the position reached.
+    better_without: &'a (dyn Fn(&str, u64) -> bool + Sync),
+    /// Report a segment deleted after the listing instead of restoring up to it.
+    relist: bool,
+}
+
+/// How an attempt from one snapshot ended.
+enum Attempt {
+    /// Restored into the output.
+    Done(RestoreReport),
+    /// The segment `key` was unusable at `reached`, and a chain without it goes further:
+    /// nothing was written to the output.
+    Avoid {
+        key: String,
+        why: String,
+        reached: u64,
+    },
+    /// The segment `key` was deleted after the listing: nothing was written.
+    Gone { key: String },
+}
+
 async fn attempt(
     replica: &Replica,
     generation: GenerationId,
@@ -203,7 +277,8 @@ async fn attempt(
     chain: &[&Listed],
     output: &Path,
     opts: &RestoreOptions,
-) -> EngineResult<RestoreReport> {
+    on_stop: OnStop<'_>,
+) -> EngineResult<Attempt> {
     let dir = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -297,7 +372,7 @@ async fn attempt(
         let obj = match got {
             Ok(o) => o,
             Err(StorageError::NotFound { .. }) => {
-                stop = Some((name, "disappeared during restore".into()));
+                stop = Some((name, GONE.into()));
                 break;
             }
             Err(e) => return Err(e.into()),
@@ -337,6 +412,17 @@ async fn attempt(
         }
     }
     if let Some((key, why)) = stop {
+        if why == GONE && on_stop.relist {
+            return Ok(Attempt::Gone { key });
+        }
+        if why != GONE && (on_stop.better_without)(&key, report.position) {
+            return Ok(Attempt::Avoid {
+                key,
+                why,
+                reached: report.position,
+            });
+        }
+        report.stopped_at = Some(key.clone());
         report.skipped.push((key, why));
         while let Some(rest) = remaining.pop() {
             report
@@ -379,8 +465,11 @@ async fn attempt(
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(report)
+    Ok(Attempt::Done(report))
 }
+
+/// Why a segment listed at the start was not applied: it was deleted meanwhile.
+const GONE: &str = "disappeared during restore";
 
 /// Runs `f` on a blocking thread with a `Read` over `body`; returns its result and the
 /// number of bytes read.
@@ -543,7 +632,13 @@ fn read_segment(
     let mut r = ObjectReader::with_keys(reader, keys)
         .map_err(|source| EngineError::decoding(key, source))?;
     let h = *r.header();
-    if h.kind != Kind::Segment || h.generation != generation.0 || h.start != expect_start {
+    // A merged segment may start before the position it is applied at (see
+    // `replica::chain`); it must reach past it.
+    if h.kind != Kind::Segment
+        || h.generation != generation.0
+        || h.start > expect_start
+        || h.end <= expect_start
+    {
         return Err(corrupt("header does not match its key or the chain"));
     }
     if h.page_size != page_size {

@@ -263,6 +263,14 @@ pub struct ReplicateArgs {
     /// Switch a database that is not in WAL mode to WAL instead of refusing it.
     #[arg(long)]
     pub enable_wal: bool,
+    /// Merge this many consecutive small segments into one, so restores fetch fewer
+    /// objects (0 = never merge).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub compaction_fan_in: u32,
+    /// Delete merged segments' parts this long after the merge (until then a point-in-time
+    /// restore can stop between them).
+    #[arg(long, default_value = "5m", value_name = "DURATION")]
+    pub compaction_keep_parts: Dur,
     #[command(flatten)]
     pub lease: LeaseArgs,
     #[command(flatten)]

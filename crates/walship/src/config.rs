@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
-use walship_engine::{LeaseOptions, OnConflict, RetentionPolicy};
+use walship_engine::{CompactionOptions, LeaseOptions, OnConflict, RetentionPolicy};
 use walship_format::crypto::{Key, KeyRing};
 use walship_storage::{
     ChecksumMode, ReplicaUrl, S3Options, ServerSideEncryption, StaticCredentials, StoreOptions,
@@ -98,6 +98,15 @@ struct RawReplica {
     decryption_keys: Vec<String>,
     on_conflict: Option<RawOnConflict>,
     lease_ttl: Option<Dur>,
+    compaction: Option<RawCompaction>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawCompaction {
+    enabled: Option<bool>,
+    fan_in: Option<u32>,
+    keep_parts: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +133,8 @@ pub struct Defaults {
     pub retention: RetentionPolicy,
     /// `on-conflict` and `lease-ttl`.
     pub lease: LeaseOptions,
+    /// `compaction`.
+    pub compaction: CompactionOptions,
 }
 
 impl Default for Defaults {
@@ -135,6 +146,7 @@ impl Default for Defaults {
             enable_wal: false,
             retention: RetentionPolicy::default(),
             lease: LeaseOptions::default(),
+            compaction: CompactionOptions::default(),
         }
     }
 }
@@ -200,6 +212,8 @@ pub struct ReplicaConfig {
     pub retention: RetentionPolicy,
     /// Writer fencing.
     pub lease: LeaseOptions,
+    /// Merging runs of small segments.
+    pub compaction: CompactionOptions,
     /// Client-side encryption keys, if any.
     pub keys: Option<KeyRing>,
 }
@@ -662,6 +676,23 @@ fn resolve_replica(
             Some(RawOnConflict::Fail) => OnConflict::Fail,
         },
     };
+    let mut compaction = defaults.compaction.clone();
+    if let Some(c) = r.compaction {
+        if let Some(n) = c.fan_in {
+            if !(2..=1024).contains(&n) {
+                bail!(
+                    "{kp}.compaction.fan-in: {n} is out of range; use 2 to 1024 (or enabled = false)"
+                );
+            }
+            compaction.fan_in = n;
+        }
+        if let Some(Dur(d)) = c.keep_parts {
+            compaction.keep_parts = d;
+        }
+        if c.enabled == Some(false) {
+            compaction.fan_in = 0;
+        }
+    }
     Ok(ReplicaConfig {
         key_path: kp.to_string(),
         name,
@@ -680,6 +711,7 @@ fn resolve_replica(
         )?,
         retention,
         lease,
+        compaction,
         keys,
     })
 }

@@ -245,6 +245,11 @@ async fn replicate_pairs(a: &mut ReplicateArgs) -> Result<Vec<Pair>> {
         enable_wal: a.enable_wal,
         retention: a.retention.policy(),
         lease: a.lease.options(),
+        compaction: walship_engine::CompactionOptions {
+            fan_in: a.compaction_fan_in,
+            keep_parts: a.compaction_keep_parts.0,
+            ..Default::default()
+        },
     };
     if let Some(path) = config_path(&a.config, a.db.is_some()) {
         if a.db.is_some() || a.replica_url.is_some() {
@@ -282,6 +287,7 @@ async fn replicate_pairs(a: &mut ReplicateArgs) -> Result<Vec<Pair>> {
                         enable_wal: d.enable_wal,
                         retention: r.retention.clone(),
                         lease: Some(r.lease.clone()),
+                        compaction: r.compaction.clone(),
                         ..Default::default()
                     },
                 });
@@ -308,6 +314,7 @@ async fn replicate_pairs(a: &mut ReplicateArgs) -> Result<Vec<Pair>> {
             enable_wal: defaults.enable_wal,
             retention: defaults.retention,
             lease: Some(defaults.lease),
+            compaction: defaults.compaction,
             ..Default::default()
         },
     }])

@@ -100,6 +100,38 @@ fn wait_until(timeout: Duration, what: &str, log: &Path, mut cond: impl FnMut() 
     }
 }
 
+/// Every generation of a replica with its objects and their headers, read in-process.
+fn listing_with_headers(
+    url: &str,
+) -> Vec<(
+    GenerationId,
+    GenerationObjects,
+    std::collections::HashMap<String, walship_format::object::ObjectHeader>,
+)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let listed = listing(url);
+    rt.block_on(async {
+        let u: ReplicaUrl = url.parse().unwrap();
+        let mut opts = StoreOptions::default();
+        if matches!(u, ReplicaUrl::S3 { .. }) {
+            opts.s3 = MotoServer::shared().options();
+        }
+        let replica = Replica::new(walship_storage::open(&u, &opts).await.unwrap());
+        let mut out = Vec::new();
+        for (g, objs) in listed {
+            let mut headers = std::collections::HashMap::new();
+            for s in &objs.segments {
+                headers.insert(s.name.clone(), replica.read_header(&s.name).await.unwrap());
+            }
+            out.push((g, objs, headers));
+        }
+        out
+    })
+}
+
 /// Every generation of a replica with its objects, listed in-process.
 fn listing(url: &str) -> Vec<(GenerationId, GenerationObjects)> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -121,12 +153,13 @@ fn listing(url: &str) -> Vec<(GenerationId, GenerationObjects)> {
     })
 }
 
-/// Asserts no generation holds two segments continuing the same position (the trace two
-/// writers interleaving in one generation would leave) and that its segments form one chain
-/// from a snapshot.
+/// Asserts no generation holds two segments continuing the same position with different
+/// WAL histories (the trace two writers interleaving in one generation would leave: a merged
+/// segment and its first part share a start, salts and start checksum) and that its segments
+/// form one chain from a snapshot.
 fn assert_one_writer_per_generation(url: &str) {
-    for (g, objs) in listing(url) {
-        let mut starts = std::collections::HashSet::new();
+    for (g, objs, headers) in listing_with_headers(url) {
+        let mut starts = std::collections::HashMap::new();
         let mut ends: std::collections::HashSet<u64> = objs
             .snapshots
             .iter()
@@ -139,9 +172,12 @@ fn assert_one_writer_per_generation(url: &str) {
             let ObjectKey::Segment { start, end, .. } = s.key else {
                 continue;
             };
-            assert!(
-                starts.insert(start),
-                "generation {g}: two segments continue position {start:#x} (interleaved writers)"
+            let h = &headers[&s.name];
+            let history = (h.wal.magic, h.wal.salt1, h.wal.salt2, h.start_checksum);
+            assert_eq!(
+                *starts.entry(start).or_insert(history),
+                history,
+                "generation {g}: two segments continue position {start:#x} differently (interleaved writers)"
             );
             assert!(
                 ends.contains(&start),

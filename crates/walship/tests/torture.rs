@@ -62,6 +62,9 @@ fn trial(seed: u64, url: &str, dir: &Path, extra: &[&str]) -> u32 {
     };
     let checkpoint_frames = [20u64, 100, 1000][r.below(3) as usize].to_string();
     let snapshot_interval = format!("{}ms", 300 + r.below(2000));
+    // Compaction merging every few segments and deleting the parts at once, or as shipped.
+    let fan_in = ["2", "4", "16"][r.below(3) as usize];
+    let keep_parts = ["0s", "5m"][r.below(2) as usize];
     let mut args = vec![
         "--sync-interval",
         "200ms",
@@ -69,9 +72,15 @@ fn trial(seed: u64, url: &str, dir: &Path, extra: &[&str]) -> u32 {
         snapshot_interval.as_str(),
         "--checkpoint-frames",
         checkpoint_frames.as_str(),
+        "--compaction-fan-in",
+        fan_in,
+        "--compaction-keep-parts",
+        keep_parts,
     ];
     args.extend_from_slice(extra);
-    let ctx = format!("seed {seed} ({spec:?}, checkpoint-frames {checkpoint_frames})");
+    let ctx = format!(
+        "seed {seed} ({spec:?}, checkpoint-frames {checkpoint_frames}, compaction fan-in {fan_in} keep {keep_parts})"
+    );
     let mut writer = spawn_writer(&spec, "writer_child");
     // Sometimes the replicator starts late, after many writes.
     if r.chance(0.3) {

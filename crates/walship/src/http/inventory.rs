@@ -195,14 +195,18 @@ async fn list(replica: &Replica) -> walship_engine::EngineResult<Listing> {
         if let Some(newest_snap) = info.snapshots.first() {
             let mut end = newest_snap.position;
             let mut first_after = None;
-            for seg in &objs.segments {
+            let chain = walship_engine::replica::chain(
+                &objs.segments,
+                newest_snap.position,
+                i64::MAX,
+                &Default::default(),
+            );
+            for seg in chain {
                 if let ObjectKey::Segment {
-                    start,
                     end: e,
                     timestamp_ms,
                     ..
                 } = seg.key
-                    && start == end
                 {
                     end = e;
                     first_after.get_or_insert(timestamp_ms);

@@ -214,6 +214,18 @@ impl Collector for StatusCollector {
             "WAL frames shipped in segments",
             |r| r.st.frames_shipped,
         )?;
+        self.counter(
+            &mut enc,
+            "walship_segments_merged",
+            "Merged segments written by compaction",
+            |r| r.st.segments_merged,
+        )?;
+        self.counter(
+            &mut enc,
+            "walship_merged_parts_deleted",
+            "Segments deleted after a merged segment covered them for the keep time",
+            |r| r.st.merged_parts_deleted,
+        )?;
         {
             let mut m = enc.encode_descriptor(
                 "walship_checkpoints",

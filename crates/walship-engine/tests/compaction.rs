@@ -1,0 +1,341 @@
+//! Compaction end to end: a replicator merging its small segments while the app writes, and
+//! restores from the merged replica (newest, point in time, around a corrupt merged segment,
+//! from a snapshot taken inside a merged run, encrypted), against a local directory.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio_util::sync::CancellationToken;
+use walship_engine::replicate::ReplicatorHandle;
+use walship_engine::{CompactionOptions, Replica, ReplicateOptions, RestoreOptions};
+use walship_format::crypto::{Key, KeyRing};
+use walship_format::key::ObjectKey;
+use walship_storage::{LocalStore, ObjectStore};
+
+fn app_db(dir: &Path) -> PathBuf {
+    let p = dir.join("app.db");
+    let c = Connection::open(&p).unwrap();
+    c.pragma_update(None, "journal_mode", "wal").unwrap();
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    p
+}
+
+fn digest(p: &Path) -> (i64, i64) {
+    let c = Connection::open(p).unwrap();
+    c.query_row(
+        "SELECT count(*), coalesce(sum(length(v) * id), 0) FROM t",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+fn opts(fan_in: u32, keep_parts: Duration) -> ReplicateOptions {
+    ReplicateOptions {
+        sync_interval: Duration::from_millis(100),
+        min_sync_gap: Duration::from_millis(10),
+        snapshot_interval: Duration::from_secs(3600),
+        checkpoint_frames: 100_000,
+        compaction: CompactionOptions {
+            fan_in,
+            keep_parts,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn local(dir: &Path) -> Replica {
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("replica")).unwrap());
+    Replica::new(store)
+}
+
+/// One transaction of `bytes` random bytes, shipped as one segment.
+async fn commit(app: &Connection, h: &ReplicatorHandle, bytes: usize) {
+    app.execute("INSERT INTO t(v) VALUES (randomblob(?1))", [bytes as i64])
+        .unwrap();
+    h.sync().await.unwrap();
+}
+
+async fn wait_for(what: &str, h: &ReplicatorHandle, f: impl Fn(&walship_engine::Status) -> bool) {
+    let t0 = Instant::now();
+    while !f(&h.status()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}: {:?}",
+            h.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (start, end) of every segment of the newest generation.
+async fn segments(replica: &Replica) -> Vec<(u64, u64, String)> {
+    let g = replica.generations().await.unwrap()[0];
+    replica
+        .objects(g)
+        .await
+        .unwrap()
+        .segments
+        .into_iter()
+        .filter_map(|l| match l.key {
+            ObjectKey::Segment { start, end, .. } => Some((start, end, l.name)),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn restore(
+    replica: &Replica,
+    out: &Path,
+    target_ms: Option<i64>,
+) -> walship_engine::RestoreReport {
+    let _ = std::fs::remove_file(out);
+    walship_engine::restore::restore(
+        replica,
+        out,
+        &RestoreOptions {
+            target_ms,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_segments_are_merged_by_levels_their_parts_deleted_and_restore_applies_few() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let replica = local(dir.path());
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        replica.clone(),
+        opts(4, Duration::ZERO),
+        cancel.clone(),
+    );
+    let app = Connection::open(&db).unwrap();
+    h.sync().await.unwrap();
+    for _ in 0..32 {
+        commit(&app, &h, 500).await;
+    }
+    // 32 segments at a fan-in of 4: 8 level-1 merges, 2 level-2 merges (and the first
+    // snapshot's segment-free start); parts go at the next shipment after their merge.
+    wait_for("10 merges", &h, |s| s.segments_merged >= 10).await;
+    commit(&app, &h, 500).await;
+    wait_for("parts deleted", &h, |s| s.merged_parts_deleted >= 32).await;
+    let segs = segments(&replica).await;
+    assert!(segs.len() <= 4, "segments left: {segs:?}");
+    let out = dir.path().join("out.db");
+    let report = restore(&replica, &out, None).await;
+    assert!(
+        report.segments <= 4,
+        "segments applied: {}",
+        report.segments
+    );
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    assert_eq!(digest(&out), digest(&db));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+
+    // A restarted replicator finds the end of the replica through the merged segments and
+    // continues the generation.
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        replica.clone(),
+        opts(4, Duration::ZERO),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    assert_eq!(h.status().generations_started, 0, "{:?}", h.status());
+    commit(&app, &h, 500).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    restore(&replica, &out, None).await;
+    assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_parts_give_point_in_time_restores_and_stand_in_for_a_corrupt_merged_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let replica = local(dir.path());
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        replica.clone(),
+        opts(8, Duration::from_secs(3600)),
+        cancel.clone(),
+    );
+    let app = Connection::open(&db).unwrap();
+    h.sync().await.unwrap();
+    let mut states = Vec::new();
+    for _ in 0..8 {
+        commit(&app, &h, 400).await;
+        // Segment keys have millisecond times: keep commits apart.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        states.push((now_ms(), digest(&db)));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for("one merge", &h, |s| s.segments_merged >= 1).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let segs = segments(&replica).await;
+    assert_eq!(segs.len(), 9, "8 parts and their merge: {segs:?}");
+
+    // Between the parts' times, the parts are the chain.
+    let out = dir.path().join("out.db");
+    for (t, want) in &states[..7] {
+        restore(&replica, &out, Some(*t)).await;
+        assert_eq!(digest(&out), *want, "restore as of {t}");
+    }
+    let report = restore(&replica, &out, None).await;
+    assert_eq!(report.segments, 1, "the merged segment alone");
+    assert_eq!(digest(&out), digest(&db));
+
+    // Flip a byte inside the merged segment's body: restore reports it and uses the parts.
+    let (s, e, merged) = segs.iter().max_by_key(|(s, e, _)| e - s).cloned().unwrap();
+    assert_eq!(
+        e - s,
+        segs.iter().map(|(s, e, _)| e - s).sum::<u64>() - (e - s)
+    );
+    let path = dir.path().join("replica").join(&merged);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+    let report = restore(&replica, &out, None).await;
+    assert_eq!(report.segments, 8, "the parts");
+    assert!(
+        report.skipped.iter().any(|(k, _)| *k == merged),
+        "{:?}",
+        report.skipped
+    );
+    assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_inside_a_merged_run_restores_through_the_merged_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let replica = local(dir.path());
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        replica.clone(),
+        opts(4, Duration::ZERO),
+        cancel.clone(),
+    );
+    let app = Connection::open(&db).unwrap();
+    h.sync().await.unwrap();
+    commit(&app, &h, 300).await;
+    commit(&app, &h, 300).await;
+    // A snapshot after two parts of a run of four.
+    h.snapshot().await.unwrap();
+    commit(&app, &h, 300).await;
+    commit(&app, &h, 300).await;
+    wait_for("a merge", &h, |s| s.segments_merged >= 1).await;
+    commit(&app, &h, 300).await;
+    wait_for("parts deleted", &h, |s| s.merged_parts_deleted >= 4).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let g = replica.generations().await.unwrap()[0];
+    let objs = replica.objects(g).await.unwrap();
+    let ObjectKey::Snapshot { position, .. } = objs.snapshots[0].key else {
+        panic!("a snapshot first")
+    };
+    // The only segment reaching past the snapshot starts before it.
+    let segs = segments(&replica).await;
+    assert!(
+        segs.iter().any(|(s, e, _)| *s < position && *e > position),
+        "{segs:?} around {position}"
+    );
+    assert!(!segs.iter().any(|(s, _, _)| *s == position), "{segs:?}");
+    let out = dir.path().join("out.db");
+    let report = restore(&replica, &out, None).await;
+    assert_eq!(report.snapshot, objs.snapshots[0].name);
+    assert_eq!(digest(&out), digest(&db));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_and_large_parts_merge_streaming_and_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let key = Key::from_bytes(&[7u8; 32]).unwrap();
+    let replica = local(dir.path()).with_keys(KeyRing::new(key));
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        replica.clone(),
+        opts(16, Duration::from_secs(3600)),
+        cancel.clone(),
+    );
+    let app = Connection::open(&db).unwrap();
+    h.sync().await.unwrap();
+    // 16 segments of ~640 KiB of incompressible pages: a merge of over 8 MiB streams.
+    for _ in 0..16 {
+        commit(&app, &h, 600 * 1024).await;
+    }
+    wait_for("a merge", &h, |s| s.segments_merged >= 1).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let segs = segments(&replica).await;
+    let widest = segs.iter().map(|(s, e, _)| e - s).max().unwrap();
+    assert_eq!(
+        widest,
+        segs.iter().map(|(s, e, _)| e - s).sum::<u64>() - widest,
+        "one segment spans the 16 others: {segs:?}"
+    );
+    let out = dir.path().join("out.db");
+    let report = restore(&replica, &out, None).await;
+    assert_eq!(report.segments, 1);
+    assert_eq!(digest(&out), digest(&db));
+    // Without the key, nothing is restored.
+    let plain = local(dir.path());
+    let e = walship_engine::restore::restore(
+        &plain,
+        &dir.path().join("x.db"),
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("encrypt"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_off_leaves_every_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let replica = local(dir.path());
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        replica.clone(),
+        opts(0, Duration::ZERO),
+        cancel.clone(),
+    );
+    let app = Connection::open(&db).unwrap();
+    h.sync().await.unwrap();
+    for _ in 0..20 {
+        commit(&app, &h, 300).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.status().segments_merged, 0);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(segments(&replica).await.len(), 20);
+}
