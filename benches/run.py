@@ -706,8 +706,9 @@ class Walship:
     ready = ("snapshot uploaded", "resuming replica")
     snapshot_done = ("snapshot uploaded",)
 
-    def __init__(self, exe: Path):
+    def __init__(self, exe: Path, extra: list | None = None):
         self.exe = exe
+        self.extra = list(extra or [])
 
     def url(self, r: Replica) -> str:
         if r.backend == "file":
@@ -716,8 +717,8 @@ class Walship:
                 f"&region=us-east-1&force-path-style=true")
 
     def replicate(self, db: Path, r: Replica, log_path: Path) -> subprocess.Popen:
-        return spawn([self.exe, "--log-json", "replicate", db, self.url(r)], log_path=log_path,
-                     env=tool_env())
+        return spawn([self.exe, "--log-json", "replicate", *self.extra, db, self.url(r)],
+                     log_path=log_path, env=tool_env())
 
     def restore_argv(self, db: Path, r: Replica, out: Path) -> list:
         return [self.exe, "restore", "-o", out, self.url(r)]
@@ -1478,7 +1479,9 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
     L.append(f"# walship benchmarks — {info['date']} ({profile})\n")
     L.append(f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, Linux "
              f"{info['kernel']}; SQLite {info['sqlite']} (writer: Python {info['python']}).  ")
-    L.append(f"walship: `{info['walship']}` ({info['walship_commit']}); Litestream: "
+    extra = info.get("replicate_args") or []
+    L.append(f"walship: `{info['walship']}` ({info['walship_commit']})"
+             f"{'; replicate with `' + ' '.join(extra) + '`' if extra else ''}; Litestream: "
              f"{info['litestream']}. Loopback S3: moto_server on 127.0.0.1. "
              f"Run took {elapsed / 60:.1f} min; load average (1/5/15 min) at start "
              f"{'/'.join(f'{x:.1f}' for x in info['loadavg_start'])}, at end "
@@ -1790,6 +1793,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="results file (default benches/results/<date>.md)")
     ap.add_argument("--work", type=Path, help="scratch dir (default target/bench-work/<run>)")
     ap.add_argument("--keep-work", action="store_true")
+    ap.add_argument("--replicate-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `walship replicate` (repeat; for A/B runs, e.g. "
+                    "--replicate-arg=--compaction-fan-in --replicate-arg=0)")
     args = ap.parse_args()
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     prof = PROFILES[profile]
@@ -1829,7 +1835,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     log(f"profile {profile}; walship {walship_bin}; litestream {litestream_bin}; work {work}")
     info = machine_info(walship_bin, litestream_bin, None if args.bin else args.rev)
-    walship = Walship(walship_bin)
+    info["replicate_args"] = args.replicate_arg
+    walship = Walship(walship_bin, args.replicate_arg)
     litestream = Litestream(litestream_bin, work) if litestream_bin else None
     h = Harness(args, prof, walship, litestream, work, moto_exe)
     t0 = time.time()

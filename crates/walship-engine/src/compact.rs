@@ -5,10 +5,11 @@
 //! a second at 100 transactions/s. Each costs a restore one request, and on most stores a
 //! request costs more than the bytes in it. The [`Compactor`] task takes each segment the
 //! replicator shipped and, once [`CompactionOptions::fan_in`] consecutive pieces of one level
-//! have gathered, writes one segment holding all their frames, verbatim, covering the same
-//! positions: its start and start checksum are the first part's, its end and WAL state the
-//! last part's, its key time the last part's. Merged pieces are merged again (level 1, 2, ...)
-//! while the result stays under [`CompactionOptions::max_bytes`].
+//! have gathered, writes one merged segment (kind [`Kind::Merged`]) holding every part's
+//! header and frames, verbatim, covering the same positions (across WAL restarts too): its
+//! start is the first part's, its end, WAL state and key time the last part's. Merged
+//! pieces are merged again (level 1, 2, ...) while the result stays under
+//! [`CompactionOptions::max_bytes`].
 //!
 //! The parts stay for [`CompactionOptions::keep_parts`] after the merge (a point-in-time
 //! restore within it can still stop between them) and are deleted afterwards, the next time
@@ -16,9 +17,9 @@
 //!
 //! [`Run`] is the pure plan: which pieces follow on from each other, which to merge next.
 //! [`merge`] writes one merged segment, streaming the parts from the store through a
-//! blocking reader; it checks every part's header against the one the replicator wrote and
-//! their chain of positions, salts and checksums, and every part's CRCs (the frame checksums
-//! are checked again by restore, on the merged object).
+//! blocking reader; it checks every part's header against the one the replicator wrote, that
+//! the parts continue each other, and every part's CRCs (restore verifies each part's frame
+//! checksum chain inside the merged object as it would the part's own).
 //!
 //! A merge only ever writes into the replicator's own generation and only copies objects
 //! already there, so a merge cut short (a crash, a failed upload, a replicator stopping)
@@ -34,7 +35,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use walship_format::crypto::KeyRing;
 use walship_format::key::{GenerationId, ObjectKey};
-use walship_format::object::{Kind, ObjectHeader, ObjectReader};
+use walship_format::object::{FLAG_LZ4, HEADER_SIZE, Kind, ObjectHeader, ObjectReader};
 use walship_storage::{ByteStream, ObjectStore};
 
 use crate::error::{EngineError, EngineResult};
@@ -86,15 +87,20 @@ pub struct Piece {
     pub level: u8,
 }
 
-/// Whether `b` continues `a` in one WAL incarnation: its frames follow `a`'s, so the two
-/// concatenated are one valid segment.
+/// Whether `b` continues `a`: the next segment of the same generation (the replicator gives
+/// a segment the previous one's end as its start only once it proved the log continuous,
+/// across a WAL restart too).
 fn continues(a: &ObjectHeader, b: &ObjectHeader) -> bool {
-    a.generation == b.generation
-        && b.start == a.end
-        && b.start_checksum == a.wal.checksum
-        && (b.wal.magic, b.wal.salt1, b.wal.salt2, b.wal.checkpoint_seq)
-            == (a.wal.magic, a.wal.salt1, a.wal.salt2, a.wal.checkpoint_seq)
-        && b.page_size == a.page_size
+    a.generation == b.generation && b.start == a.end && b.page_size == a.page_size
+}
+
+/// Bytes a piece adds to a merged segment's raw body: a segment's header and frames, or a
+/// merged segment's body as it is.
+fn merged_len(h: &ObjectHeader) -> u64 {
+    match h.kind {
+        Kind::Merged => h.raw_len,
+        _ => HEADER_SIZE as u64 + h.raw_len,
+    }
 }
 
 /// The run of consecutive pieces that may still be merged, oldest first. Levels never rise
@@ -120,8 +126,7 @@ impl Run {
     }
 
     /// Adds a segment the replicator shipped. One that does not continue the run (another
-    /// incarnation or generation, a gap) starts a new run; one too large to take part ends
-    /// the run.
+    /// generation, a gap) starts a new run; one too large to take part ends the run.
     pub fn push(&mut self, p: Piece) {
         let follows = self
             .pieces
@@ -183,8 +188,8 @@ pub fn merged_header(parts: &[Piece]) -> Option<ObjectHeader> {
         .iter()
         .try_fold(0u32, |acc, p| acc.checked_add(p.header.frames))?;
     Some(ObjectHeader {
-        kind: Kind::Segment,
-        flags: last.flags,
+        kind: Kind::Merged,
+        flags: FLAG_LZ4,
         generation: last.generation,
         start: first.start,
         end: last.end,
@@ -194,7 +199,7 @@ pub fn merged_header(parts: &[Piece]) -> Option<ObjectHeader> {
         wal: last.wal,
         start_checksum: first.start_checksum,
         frames,
-        raw_len: parts.iter().map(|p| p.header.raw_len).sum(),
+        raw_len: parts.iter().map(|p| merged_len(&p.header)).sum(),
     })
 }
 
@@ -235,8 +240,9 @@ pub async fn merge(replica: &Replica, parts: &[Piece]) -> EngineResult<Piece> {
     })
 }
 
-/// Streams one part's frames into `w` (on a blocking thread), after checking that its header
-/// is the one expected; reading it to the end verifies its trailer and CRCs.
+/// Streams one part into `w` (on a blocking thread): a segment's header and frames, or a
+/// merged segment's body, after checking that its header is the one expected; reading it to
+/// the end verifies its trailer and CRCs.
 fn copy_part(
     handle: &tokio::runtime::Handle,
     store: &Arc<dyn ObjectStore>,
@@ -266,6 +272,16 @@ fn copy_part(
         return Err(io::Error::other(format!(
             "{key}: header differs from the one written"
         )));
+    }
+    if h.kind == Kind::Segment {
+        // Inside a merged segment the part's header says where its frames belong.
+        w.write_all(
+            &ObjectHeader {
+                flags: FLAG_LZ4,
+                ..h
+            }
+            .encode(),
+        )?;
     }
     let n = io::copy(&mut r, w)?;
     if n != h.raw_len {
@@ -424,7 +440,7 @@ impl Compactor {
 
 #[cfg(test)]
 mod tests {
-    use walship_format::object::{FLAG_LZ4, WalState};
+    use walship_format::object::WalState;
     use walship_format::wal::Checksum;
 
     use super::*;
@@ -513,23 +529,29 @@ mod tests {
         assert_eq!(m.level, 2);
         assert_eq!((m.header.start, m.header.end), (0, 48));
         assert_eq!(m.header.frames, 48);
-        assert_eq!(m.header.raw_len, 48 * 4120);
+        assert_eq!(m.header.kind, Kind::Merged);
+        // Every shipped segment's frames with its header.
+        assert_eq!(m.header.raw_len, 48 * 4120 + 16 * HEADER_SIZE as u64);
         assert_eq!(m.header.start_checksum, Checksum(1, 0));
         assert_eq!(m.header.wal.checksum, Checksum(1, 48));
         assert_eq!(m.header.timestamp_ms, 48);
     }
 
     #[test]
-    fn a_new_incarnation_a_gap_or_a_large_segment_starts_a_new_run() {
+    fn a_new_incarnation_continues_the_run_a_gap_or_a_large_segment_ends_it() {
         let mut run = Run::new(opts(4));
         let a = piece(None, 3, 1, 10);
         let b = piece(Some(&a), 3, 1, 10);
-        run.push(a);
+        run.push(a.clone());
         run.push(b.clone());
-        // Another incarnation: its frames cannot join the first one's.
+        // The WAL restarted (new salts, next epoch): the run goes on across it.
         let c = piece(Some(&b), 3, 2, 10);
         run.push(c.clone());
-        assert_eq!(run.pieces().len(), 1);
+        assert_eq!(run.pieces().len(), 3);
+        let h = merged_header(&[a, b, c.clone()]).unwrap_or_else(|| panic!("continues"));
+        assert_eq!((h.start, h.end), (0, (1 << 32) | 3));
+        assert_eq!(h.wal.salt1, 2);
+        assert_eq!(h.start_checksum, Checksum(1, 0));
         // A gap.
         let mut d = piece(Some(&c), 3, 2, 10);
         d.header.start += 1;
@@ -539,11 +561,6 @@ mod tests {
         let e = piece(Some(&c), 3, 2, 101);
         run.push(e);
         assert!(run.pieces().is_empty());
-        assert!(merged_header(&[a_piece(), b]).is_some());
-    }
-
-    fn a_piece() -> Piece {
-        piece(None, 3, 1, 10)
     }
 
     #[test]
@@ -573,8 +590,11 @@ mod tests {
     fn parts_that_do_not_continue_each_other_have_no_merged_header() {
         let a = piece(None, 3, 1, 10);
         let mut b = piece(Some(&a), 3, 1, 10);
-        b.header.start_checksum = Checksum(0, 0);
-        assert!(merged_header(&[a, b]).is_none());
+        b.header.start += 1;
+        assert!(merged_header(&[a.clone(), b]).is_none());
+        let mut c = piece(Some(&a), 3, 1, 10);
+        c.header.generation += 1;
+        assert!(merged_header(&[a, c]).is_none());
         assert!(merged_header(&[]).is_none());
     }
 }

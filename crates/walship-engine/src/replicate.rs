@@ -637,7 +637,7 @@ impl Replicator {
         // frames before it with the next sync, and they must not count as past it.
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
-        let after_segments = end.is_some_and(|e| e.header.kind == Kind::Segment);
+        let after_segments = end.is_some_and(|e| e.header.kind.has_frames());
         let resumed = end.and_then(|end| self.try_resume(&est, end));
         match resumed {
             Some(tail) => {

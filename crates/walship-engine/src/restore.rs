@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use walship_format::FormatError;
 use walship_format::crypto::KeyRing;
 use walship_format::key::{GenerationId, ObjectKey};
-use walship_format::object::{Kind, ObjectHeader, ObjectReader};
+use walship_format::object::{HEADER_SIZE, Kind, ObjectHeader, ObjectReader};
 use walship_format::wal::{FRAME_HEADER_SIZE, FrameChain, FrameCheck, WAL_MAGIC_BE};
 use walship_storage::{ObjectStore, StorageError};
 
@@ -634,7 +634,7 @@ fn read_segment(
     let h = *r.header();
     // A merged segment may start before the position it is applied at (see
     // `replica::chain`); it must reach past it.
-    if h.kind != Kind::Segment
+    if !h.kind.has_frames()
         || h.generation != generation.0
         || h.start > expect_start
         || h.end <= expect_start
@@ -644,20 +644,83 @@ fn read_segment(
     if h.page_size != page_size {
         return Err(corrupt("page size differs from the snapshot's"));
     }
-    let mut chain = FrameChain::resume(
-        h.wal.magic == WAL_MAGIC_BE,
-        (h.wal.salt1, h.wal.salt2),
-        page_size,
-        h.start_checksum,
-        0,
-    );
-    let frame_size = FRAME_HEADER_SIZE + page_size as usize;
-    let mut frame = vec![0u8; frame_size];
     let mut spool = if h.raw_len <= SPOOL_LIMIT {
         Spool::Memory(Vec::with_capacity(h.raw_len as usize))
     } else {
         Spool::File(tempfile::tempfile().map_err(|e| EngineError::io("create spool file", e))?)
     };
+    if h.kind == Kind::Segment {
+        read_frames(&mut r, &h, &mut spool, key)?;
+    } else {
+        // Merged: each segment's header, then its frames; the segments continue each other
+        // from the merged segment's start to its end.
+        let mut at = h.start;
+        let mut frames = 0u32;
+        while at != h.end {
+            let mut raw = [0u8; HEADER_SIZE];
+            r.read_exact(&mut raw).map_err(|e| classify(key, e))?;
+            let part = ObjectHeader::decode(&raw).map_err(|source| EngineError::Corrupt {
+                key: key.to_string(),
+                source,
+            })?;
+            if part.kind != Kind::Segment
+                || part.generation != h.generation
+                || part.page_size != page_size
+                || part.start != at
+                || part.end > h.end
+            {
+                return Err(corrupt(
+                    "a merged segment's part does not continue the one before",
+                ));
+            }
+            frames = frames
+                .checked_add(part.frames)
+                .filter(|n| *n <= h.frames)
+                .ok_or_else(|| corrupt("more frames than the header says"))?;
+            read_frames(&mut r, &part, &mut spool, key)?;
+            at = part.end;
+        }
+        if frames != h.frames {
+            return Err(corrupt("fewer frames than the header says"));
+        }
+    }
+    // Reading to the end verifies the trailer and the CRC.
+    let mut rest = [0u8; 1];
+    match r.read(&mut rest) {
+        Ok(0) => {}
+        Ok(_) => return Err(corrupt("more frames than the header says")),
+        Err(e) => return Err(classify(key, e)),
+    }
+    if let Spool::File(f) = &mut spool {
+        f.seek(SeekFrom::Start(0))
+            .map_err(|e| EngineError::io("rewind spool file", e))?;
+    }
+    Ok(Segment {
+        header: h,
+        frames: spool,
+    })
+}
+
+/// Reads the frames of one segment (`h`), verifying their checksum chain from its start
+/// checksum to its end checksum and that the last one commits, into `spool`.
+fn read_frames(
+    r: &mut impl Read,
+    h: &ObjectHeader,
+    spool: &mut Spool,
+    key: &str,
+) -> EngineResult<()> {
+    let corrupt = |msg: &str| EngineError::Corrupt {
+        key: key.to_string(),
+        source: FormatError::corrupt(msg),
+    };
+    let mut chain = FrameChain::resume(
+        h.wal.magic == WAL_MAGIC_BE,
+        (h.wal.salt1, h.wal.salt2),
+        h.page_size,
+        h.start_checksum,
+        0,
+    );
+    let mut frame = vec![0u8; FRAME_HEADER_SIZE + h.page_size as usize];
     let mut last_commit = false;
     for _ in 0..h.frames {
         r.read_exact(&mut frame).map_err(|e| classify(key, e))?;
@@ -672,19 +735,12 @@ fn read_segment(
             )));
         }
         last_commit = fh.is_commit();
-        match &mut spool {
+        match spool {
             Spool::Memory(v) => v.extend_from_slice(&frame),
             Spool::File(f) => f
                 .write_all(&frame)
                 .map_err(|e| EngineError::io("write spool file", e))?,
         }
-    }
-    // Reading to the end verifies the trailer and the CRC.
-    let mut rest = [0u8; 1];
-    match r.read(&mut rest) {
-        Ok(0) => {}
-        Ok(_) => return Err(corrupt("more frames than the header says")),
-        Err(e) => return Err(classify(key, e)),
     }
     if !last_commit {
         return Err(corrupt("does not end with a commit frame"));
@@ -692,14 +748,7 @@ fn read_segment(
     if chain.checksum() != h.wal.checksum {
         return Err(corrupt("final checksum differs from the header's"));
     }
-    if let Spool::File(f) = &mut spool {
-        f.seek(SeekFrom::Start(0))
-            .map_err(|e| EngineError::io("rewind spool file", e))?;
-    }
-    Ok(Segment {
-        header: h,
-        frames: spool,
-    })
+    Ok(())
 }
 
 fn apply_segment(file: &File, seg: &Segment, page_size: u32) -> io::Result<()> {

@@ -115,28 +115,62 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// A replicator running on a fresh database, with the app's connection.
+struct Rig {
+    db: PathBuf,
+    app: Connection,
+    h: ReplicatorHandle,
+    task: tokio::task::JoinHandle<walship_engine::EngineResult<()>>,
+    cancel: CancellationToken,
+}
+
+impl Rig {
+    /// Starts replicating `db` (created if missing) into `replica`, synced once.
+    async fn start(dir: &Path, replica: &Replica, opts: ReplicateOptions) -> Rig {
+        let db = dir.join("app.db");
+        if !db.exists() {
+            app_db(dir);
+        }
+        let cancel = CancellationToken::new();
+        let (h, task) =
+            walship_engine::replicate::spawn(db.clone(), replica.clone(), opts, cancel.clone());
+        let app = Connection::open(&db).unwrap();
+        h.sync().await.unwrap();
+        Rig {
+            db,
+            app,
+            h,
+            task,
+            cancel,
+        }
+    }
+
+    async fn commit(&self, bytes: usize) {
+        commit(&self.app, &self.h, bytes).await;
+    }
+
+    /// Stops the replicator (final sync).
+    async fn stop(self) -> Connection {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+        self.app
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_segments_are_merged_by_levels_their_parts_deleted_and_restore_applies_few() {
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
     let replica = local(dir.path());
-    let cancel = CancellationToken::new();
-    let (h, task) = walship_engine::replicate::spawn(
-        db.clone(),
-        replica.clone(),
-        opts(4, Duration::ZERO),
-        cancel.clone(),
-    );
-    let app = Connection::open(&db).unwrap();
-    h.sync().await.unwrap();
+    let rig = Rig::start(dir.path(), &replica, opts(4, Duration::ZERO)).await;
+    let db = rig.db.clone();
     for _ in 0..32 {
-        commit(&app, &h, 500).await;
+        rig.commit(500).await;
     }
     // 32 segments at a fan-in of 4: 8 level-1 merges, 2 level-2 merges (and the first
     // snapshot's segment-free start); parts go at the next shipment after their merge.
-    wait_for("10 merges", &h, |s| s.segments_merged >= 10).await;
-    commit(&app, &h, 500).await;
-    wait_for("parts deleted", &h, |s| s.merged_parts_deleted >= 32).await;
+    wait_for("10 merges", &rig.h, |s| s.segments_merged >= 10).await;
+    rig.commit(500).await;
+    wait_for("parts deleted", &rig.h, |s| s.merged_parts_deleted >= 32).await;
     let segs = segments(&replica).await;
     assert!(segs.len() <= 4, "segments left: {segs:?}");
     let out = dir.path().join("out.db");
@@ -148,23 +182,17 @@ async fn small_segments_are_merged_by_levels_their_parts_deleted_and_restore_app
     );
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     assert_eq!(digest(&out), digest(&db));
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    // The app stays open (closing the last connection would checkpoint and delete the WAL,
+    // and a restarted replicator could not prove the log continuous).
+    let _app = rig.stop().await;
 
     // A restarted replicator finds the end of the replica through the merged segments and
     // continues the generation.
-    let cancel = CancellationToken::new();
-    let (h, task) = walship_engine::replicate::spawn(
-        db.clone(),
-        replica.clone(),
-        opts(4, Duration::ZERO),
-        cancel.clone(),
-    );
-    h.sync().await.unwrap();
-    assert_eq!(h.status().generations_started, 0, "{:?}", h.status());
-    commit(&app, &h, 500).await;
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    let rig = Rig::start(dir.path(), &replica, opts(4, Duration::ZERO)).await;
+    let st = rig.h.status();
+    assert_eq!(st.generations_started, 0, "{st:?}");
+    rig.commit(500).await;
+    rig.stop().await;
     restore(&replica, &out, None).await;
     assert_eq!(digest(&out), digest(&db));
 }
@@ -172,28 +200,19 @@ async fn small_segments_are_merged_by_levels_their_parts_deleted_and_restore_app
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_parts_give_point_in_time_restores_and_stand_in_for_a_corrupt_merged_segment() {
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
     let replica = local(dir.path());
-    let cancel = CancellationToken::new();
-    let (h, task) = walship_engine::replicate::spawn(
-        db.clone(),
-        replica.clone(),
-        opts(8, Duration::from_secs(3600)),
-        cancel.clone(),
-    );
-    let app = Connection::open(&db).unwrap();
-    h.sync().await.unwrap();
+    let rig = Rig::start(dir.path(), &replica, opts(8, Duration::from_secs(3600))).await;
+    let db = rig.db.clone();
     let mut states = Vec::new();
     for _ in 0..8 {
-        commit(&app, &h, 400).await;
+        rig.commit(400).await;
         // Segment keys have millisecond times: keep commits apart.
         tokio::time::sleep(Duration::from_millis(5)).await;
         states.push((now_ms(), digest(&db)));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    wait_for("one merge", &h, |s| s.segments_merged >= 1).await;
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    wait_for("one merge", &rig.h, |s| s.segments_merged >= 1).await;
+    rig.stop().await;
     let segs = segments(&replica).await;
     assert_eq!(segs.len(), 9, "8 parts and their merge: {segs:?}");
 
@@ -231,28 +250,19 @@ async fn kept_parts_give_point_in_time_restores_and_stand_in_for_a_corrupt_merge
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_inside_a_merged_run_restores_through_the_merged_segment() {
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
     let replica = local(dir.path());
-    let cancel = CancellationToken::new();
-    let (h, task) = walship_engine::replicate::spawn(
-        db.clone(),
-        replica.clone(),
-        opts(4, Duration::ZERO),
-        cancel.clone(),
-    );
-    let app = Connection::open(&db).unwrap();
-    h.sync().await.unwrap();
-    commit(&app, &h, 300).await;
-    commit(&app, &h, 300).await;
+    let rig = Rig::start(dir.path(), &replica, opts(4, Duration::ZERO)).await;
+    let db = rig.db.clone();
+    rig.commit(300).await;
+    rig.commit(300).await;
     // A snapshot after two parts of a run of four.
-    h.snapshot().await.unwrap();
-    commit(&app, &h, 300).await;
-    commit(&app, &h, 300).await;
-    wait_for("a merge", &h, |s| s.segments_merged >= 1).await;
-    commit(&app, &h, 300).await;
-    wait_for("parts deleted", &h, |s| s.merged_parts_deleted >= 4).await;
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    rig.h.snapshot().await.unwrap();
+    rig.commit(300).await;
+    rig.commit(300).await;
+    wait_for("a merge", &rig.h, |s| s.segments_merged >= 1).await;
+    rig.commit(300).await;
+    wait_for("parts deleted", &rig.h, |s| s.merged_parts_deleted >= 4).await;
+    rig.stop().await;
     let g = replica.generations().await.unwrap()[0];
     let objs = replica.objects(g).await.unwrap();
     let ObjectKey::Snapshot { position, .. } = objs.snapshots[0].key else {
@@ -274,25 +284,16 @@ async fn a_snapshot_inside_a_merged_run_restores_through_the_merged_segment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_and_large_parts_merge_streaming_and_restore() {
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
     let key = Key::from_bytes(&[7u8; 32]).unwrap();
     let replica = local(dir.path()).with_keys(KeyRing::new(key));
-    let cancel = CancellationToken::new();
-    let (h, task) = walship_engine::replicate::spawn(
-        db.clone(),
-        replica.clone(),
-        opts(16, Duration::from_secs(3600)),
-        cancel.clone(),
-    );
-    let app = Connection::open(&db).unwrap();
-    h.sync().await.unwrap();
+    let rig = Rig::start(dir.path(), &replica, opts(16, Duration::from_secs(3600))).await;
+    let db = rig.db.clone();
     // 16 segments of ~640 KiB of incompressible pages: a merge of over 8 MiB streams.
     for _ in 0..16 {
-        commit(&app, &h, 600 * 1024).await;
+        rig.commit(600 * 1024).await;
     }
-    wait_for("a merge", &h, |s| s.segments_merged >= 1).await;
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    wait_for("a merge", &rig.h, |s| s.segments_merged >= 1).await;
+    rig.stop().await;
     let segs = segments(&replica).await;
     let widest = segs.iter().map(|(s, e, _)| e - s).max().unwrap();
     assert_eq!(
@@ -319,23 +320,68 @@ async fn encrypted_and_large_parts_merge_streaming_and_restore() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_off_leaves_every_segment() {
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
     let replica = local(dir.path());
-    let cancel = CancellationToken::new();
-    let (h, task) = walship_engine::replicate::spawn(
-        db.clone(),
-        replica.clone(),
-        opts(0, Duration::ZERO),
-        cancel.clone(),
-    );
-    let app = Connection::open(&db).unwrap();
-    h.sync().await.unwrap();
+    let rig = Rig::start(dir.path(), &replica, opts(0, Duration::ZERO)).await;
     for _ in 0..20 {
-        commit(&app, &h, 300).await;
+        rig.commit(300).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(h.status().segments_merged, 0);
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    assert_eq!(rig.h.status().segments_merged, 0);
+    rig.stop().await;
     assert_eq!(segments(&replica).await.len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_span_wal_restarts_and_restore_checks_every_part_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = local(dir.path());
+    // A handoff every 20 frames: the WAL restarts every few transactions.
+    let o = ReplicateOptions {
+        checkpoint_frames: 20,
+        ..opts(8, Duration::ZERO)
+    };
+    let rig = Rig::start(dir.path(), &replica, o).await;
+    let db = rig.db.clone();
+    for _ in 0..40 {
+        rig.commit(20_000).await;
+        // Let a handoff (at most one per sync interval, 100 ms) restart the WAL in between.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    wait_for("merges", &rig.h, |s| s.segments_merged >= 3).await;
+    rig.commit(500).await;
+    wait_for("parts deleted", &rig.h, |s| s.merged_parts_deleted >= 16).await;
+    rig.stop().await;
+    // Some merged segment spans more than one WAL incarnation (epochs in the high bits).
+    let segs = segments(&replica).await;
+    assert!(
+        segs.iter().any(|(s, e, _)| (s >> 32) + 1 < (e >> 32)),
+        "{segs:?}"
+    );
+    let out = dir.path().join("out.db");
+    let report = restore(&replica, &out, None).await;
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    assert_eq!(digest(&out), digest(&db));
+
+    // One flipped bit in an inner segment's frames is found by its own checksum chain.
+    let (_, _, widest) = segs.iter().max_by_key(|(s, e, _)| e - s).cloned().unwrap();
+    let path = dir.path().join("replica").join(&widest);
+    let bytes = std::fs::read(&path).unwrap();
+    let raw = walship_format::object::decode_from_slice(&bytes).unwrap().1;
+    let mut h = walship_format::object::ObjectHeader::decode(&bytes).unwrap();
+    let mut raw2 = raw.clone();
+    // A page byte of the first inner segment's first frame (after its header and the
+    // frame header).
+    raw2[96 + 24 + 100] ^= 1;
+    h.flags = walship_format::object::FLAG_LZ4;
+    let forged = walship_format::object::encode_to_vec(&h, &raw2).unwrap();
+    std::fs::write(&path, forged).unwrap();
+    let report = restore(&replica, &out, None).await;
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|(k, why)| *k == widest && why.contains("checksum")),
+        "{:?}",
+        report.skipped
+    );
 }

@@ -72,6 +72,17 @@ pub enum Kind {
     Snapshot = 1,
     /// WAL frames of whole transactions.
     Segment = 2,
+    /// Consecutive segments merged into one object (docs/format.md, "Merged segments"): the
+    /// raw body is each segment's header followed by its frames. Restore treats it as one
+    /// segment from the first one's start to the last one's end.
+    Merged = 3,
+}
+
+impl Kind {
+    /// Whether objects of this kind carry WAL frames (a segment or merged segments).
+    pub fn has_frames(self) -> bool {
+        matches!(self, Kind::Segment | Kind::Merged)
+    }
 }
 
 impl Kind {
@@ -79,6 +90,7 @@ impl Kind {
         match v {
             1 => Some(Kind::Snapshot),
             2 => Some(Kind::Segment),
+            3 => Some(Kind::Merged),
             _ => None,
         }
     }
@@ -227,6 +239,18 @@ impl ObjectHeader {
                 if h.frames == 0 || h.raw_len != u64::from(h.frames) * frame {
                     return Err(FormatError::corrupt(
                         "segment length is not its frame count",
+                    ));
+                }
+            }
+            Kind::Merged => {
+                if h.end <= h.start {
+                    return Err(FormatError::corrupt("segment end not after its start"));
+                }
+                let frame = crate::wal::FRAME_HEADER_SIZE as u64 + u64::from(page_size);
+                let headers = h.raw_len.checked_sub(u64::from(h.frames) * frame);
+                if h.frames == 0 || headers.is_none_or(|n| n == 0 || n % HEADER_SIZE as u64 != 0) {
+                    return Err(FormatError::corrupt(
+                        "merged segment length is not its frames and segment headers",
                     ));
                 }
             }
@@ -727,6 +751,37 @@ mod tests {
         let (h2, raw2) = decode_from_slice(&bytes).expect("decode");
         assert_eq!(h, h2);
         assert_eq!(raw, raw2);
+    }
+
+    #[test]
+    fn a_merged_segment_header_must_count_its_frames_and_whole_segment_headers() {
+        let frame = (crate::wal::FRAME_HEADER_SIZE + 512) as u64;
+        let h = ObjectHeader {
+            kind: Kind::Merged,
+            start: 5,
+            end: 9,
+            frames: 4,
+            raw_len: 4 * frame + 2 * HEADER_SIZE as u64,
+            ..snapshot_header(3, 512)
+        };
+        assert_eq!(ObjectHeader::decode(&h.encode()).expect("valid"), h);
+        assert!(Kind::Merged.has_frames() && Kind::Segment.has_frames());
+        assert!(!Kind::Snapshot.has_frames());
+        for bad in [
+            ObjectHeader {
+                raw_len: 4 * frame,
+                ..h
+            },
+            ObjectHeader {
+                raw_len: 4 * frame + 95,
+                ..h
+            },
+            ObjectHeader { frames: 0, ..h },
+            ObjectHeader { end: 5, ..h },
+        ] {
+            let e = ObjectHeader::decode(&bad.encode()).expect_err("refused");
+            assert!(e.is_corrupt(), "{e}");
+        }
     }
 
     /// Raw lengths of the blocks of a plain object's body.
