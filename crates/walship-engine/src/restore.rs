@@ -332,13 +332,16 @@ async fn attempt(
         }
         let f =
             File::create(&tmp_path).map_err(|e| EngineError::io("create temporary output", e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, f);
+        // 256 KiB writes: larger ones make the kernel cache the file in large folios, and
+        // every 4 KiB segment page written over one later costs a walk of its whole folio
+        // (measured: 16,000 page writes into 134 MB took 0.12 s after 1 MiB writes, 0.06 s
+        // after 256 KiB ones, which write as fast).
+        let mut w = BufWriter::with_capacity(256 << 10, f);
         io::copy(&mut r, &mut w).map_err(|e| classify(&key, e))?;
-        let f = w
-            .into_inner()
+        // No fsync yet: the one before the rename covers the snapshot and the segments
+        // (and segment pages written over dirty pages cost the file system less).
+        w.into_inner()
             .map_err(|e| EngineError::io("write temporary output", e.into_error()))?;
-        f.sync_all()
-            .map_err(|e| EngineError::io("fsync temporary output", e))?;
         Ok(h)
     })
     .await?;
@@ -366,6 +369,9 @@ async fn attempt(
     );
     let mut stop: Option<(String, String)> = None;
     let mut remaining: Vec<String> = chain.iter().map(|s| s.name.clone()).collect();
+    // One spool buffer, handed from segment to segment: fresh multi-MiB buffers would each
+    // cost page faults and zeroing.
+    let mut spool_buf: Vec<u8> = Vec::new();
     remaining.reverse();
     while let Some((name, got)) = segments.recv().await {
         remaining.pop();
@@ -382,6 +388,7 @@ async fn attempt(
         let key = name.clone();
         let expect_start = report.position;
         let keys = replica.keys().cloned();
+        let buf = std::mem::take(&mut spool_buf);
         let r = run_blocking_with_stream(body, move |reader| {
             let seg = read_segment(
                 reader,
@@ -390,12 +397,21 @@ async fn attempt(
                 generation,
                 expect_start,
                 page_size,
+                buf,
             )?;
             apply_segment(&file2, &seg, page_size)
                 .map_err(|e| EngineError::io("write temporary output", e))?;
-            Ok(seg.header)
+            let buf = match seg.frames {
+                Spool::Memory(v) => v,
+                Spool::File(_) => Vec::new(),
+            };
+            Ok((seg.header, buf))
         })
         .await;
+        let r = r.map(|((h, buf), n)| {
+            spool_buf = buf;
+            (h, n)
+        });
         match r {
             Ok((h, n)) => {
                 report.bytes += n;
@@ -624,6 +640,7 @@ fn read_segment(
     generation: GenerationId,
     expect_start: u64,
     page_size: u32,
+    mut buf: Vec<u8>,
 ) -> EngineResult<Segment> {
     let corrupt = |msg: &str| EngineError::Corrupt {
         key: key.to_string(),
@@ -645,7 +662,9 @@ fn read_segment(
         return Err(corrupt("page size differs from the snapshot's"));
     }
     let mut spool = if h.raw_len <= SPOOL_LIMIT {
-        Spool::Memory(Vec::with_capacity(h.raw_len as usize))
+        buf.clear();
+        buf.reserve(h.raw_len as usize);
+        Spool::Memory(buf)
     } else {
         Spool::File(tempfile::tempfile().map_err(|e| EngineError::io("create spool file", e))?)
     };
