@@ -48,7 +48,7 @@ pub struct CompactionOptions {
     /// This many consecutive pieces of one level are merged into one. Default 16.
     pub fan_in: u32,
     /// Only segments of at most this many stored bytes take part: larger ones already
-    /// amortize their request. Default 1 MiB.
+    /// amortize their request. Default 4 MiB.
     pub small_bytes: u64,
     /// A merged segment holds at most this many stored bytes of parts. Default 64 MiB.
     pub max_bytes: u64,
@@ -60,7 +60,7 @@ impl Default for CompactionOptions {
     fn default() -> Self {
         CompactionOptions {
             fan_in: 16,
-            small_bytes: 1 << 20,
+            small_bytes: 4 << 20,
             max_bytes: 64 << 20,
             keep_parts: Duration::from_secs(300),
         }

@@ -2,9 +2,9 @@
 //! before a target time), then every segment that continues it, verified and applied in order, into a
 //! temporary file that is checked and renamed into place only at the end.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -279,6 +279,7 @@ async fn attempt(
     opts: &RestoreOptions,
     on_stop: OnStop<'_>,
 ) -> EngineResult<Attempt> {
+    let t_start = Instant::now();
     let dir = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -354,6 +355,8 @@ async fn attempt(
         });
     }
     report.bytes += bytes;
+    let t_snap = Instant::now();
+    tracing::debug!(key = %snap.name, bytes, elapsed_ms = t_start.elapsed().as_millis() as u64, "snapshot written");
     report.position = header.end;
     report.pages = header.db_pages;
     report.timestamp_ms = header.timestamp_ms;
@@ -399,13 +402,10 @@ async fn attempt(
                 page_size,
                 buf,
             )?;
-            apply_segment(&file2, &seg, page_size)
+            seg.pages
+                .apply(&file2)
                 .map_err(|e| EngineError::io("write temporary output", e))?;
-            let buf = match seg.frames {
-                Spool::Memory(v) => v,
-                Spool::File(_) => Vec::new(),
-            };
-            Ok((seg.header, buf))
+            Ok((seg.header, seg.pages.into_buf()))
         })
         .await;
         let r = r.map(|((h, buf), n)| {
@@ -447,15 +447,31 @@ async fn attempt(
         }
     }
 
+    tracing::debug!(
+        segments = report.segments,
+        elapsed_ms = t_snap.elapsed().as_millis() as u64,
+        "segments applied"
+    );
     // 3. Size, fsync, integrity check, rename.
+    let t_sync = Instant::now();
     let len = u64::from(report.pages) * u64::from(page_size);
     file.set_len(len)
         .map_err(|e| EngineError::io("truncate temporary output", e))?;
     file.sync_all()
         .map_err(|e| EngineError::io("fsync temporary output", e))?;
     drop(file);
+    tracing::debug!(
+        bytes = len,
+        elapsed_ms = t_sync.elapsed().as_millis() as u64,
+        "restored file synced"
+    );
     let check_path = tmp.path.clone();
+    let t_check = Instant::now();
     tokio::task::spawn_blocking(move || integrity_check(&check_path)).await??;
+    tracing::debug!(
+        elapsed_ms = t_check.elapsed().as_millis() as u64,
+        "integrity check passed"
+    );
     if output.exists() && !opts.overwrite {
         return Err(EngineError::OutputExists {
             path: output.to_path_buf(),
@@ -619,19 +635,88 @@ fn classify(key: &str, e: io::Error) -> EngineError {
     }
 }
 
-/// A verified segment, decoded into memory or a spool file.
+/// A verified segment: its header and the pages it writes.
 struct Segment {
     header: ObjectHeader,
-    frames: Spool,
+    pages: Pages,
 }
 
-enum Spool {
-    Memory(Vec<u8>),
-    File(File),
+/// Up to this many bytes of a segment's pages stay in memory; beyond, they move to a
+/// temporary file.
+const SPOOL_LIMIT: usize = 16 * 1024 * 1024;
+
+/// The pages a segment writes, each in the version of its last frame (a page rewritten by
+/// many transactions is kept, and applied, once), in memory or past [`SPOOL_LIMIT`] in a
+/// temporary file.
+struct Pages {
+    page_size: usize,
+    /// Page number → slot in `mem` or `file`.
+    slots: HashMap<u32, u32>,
+    mem: Vec<u8>,
+    file: Option<File>,
 }
 
-/// Decoded segments up to this size stay in memory; larger ones spool to a temporary file.
-const SPOOL_LIMIT: u64 = 16 * 1024 * 1024;
+impl Pages {
+    /// Empty, holding its pages in `buf` (cleared) while they fit.
+    fn new(page_size: u32, mut buf: Vec<u8>) -> Pages {
+        buf.clear();
+        Pages {
+            page_size: page_size as usize,
+            slots: HashMap::new(),
+            mem: buf,
+            file: None,
+        }
+    }
+
+    /// Sets page `pgno` to `data`.
+    fn put(&mut self, pgno: u32, data: &[u8]) -> EngineResult<()> {
+        let ps = self.page_size;
+        let next = u32::try_from(self.slots.len()).unwrap_or(u32::MAX);
+        let slot = *self.slots.entry(pgno).or_insert(next) as usize;
+        let at = slot * ps;
+        let spool_err = |e| EngineError::io("write spool file", e);
+        if let Some(f) = &self.file {
+            return f.write_all_at(data, at as u64).map_err(spool_err);
+        }
+        if at + ps <= self.mem.len() {
+            self.mem[at..at + ps].copy_from_slice(data);
+        } else if at + ps <= SPOOL_LIMIT {
+            self.mem.extend_from_slice(data);
+        } else {
+            let f = tempfile::tempfile().map_err(|e| EngineError::io("create spool file", e))?;
+            f.write_all_at(&self.mem, 0).map_err(spool_err)?;
+            f.write_all_at(data, at as u64).map_err(spool_err)?;
+            self.file = Some(f);
+            self.mem.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes every page into `out`, in page order.
+    fn apply(&self, out: &File) -> io::Result<()> {
+        let ps = self.page_size;
+        let mut order: Vec<(u32, u32)> = self.slots.iter().map(|(p, s)| (*p, *s)).collect();
+        order.sort_unstable();
+        let mut page = vec![0u8; ps];
+        for (pgno, slot) in order {
+            let at = slot as usize * ps;
+            let data = match &self.file {
+                Some(f) => {
+                    f.read_exact_at(&mut page, at as u64)?;
+                    &page[..]
+                }
+                None => &self.mem[at..at + ps],
+            };
+            out.write_all_at(data, u64::from(pgno - 1) * ps as u64)?;
+        }
+        Ok(())
+    }
+
+    /// The memory buffer, for the next segment.
+    fn into_buf(self) -> Vec<u8> {
+        self.mem
+    }
+}
 
 fn read_segment(
     reader: &mut ChannelReader,
@@ -640,7 +725,7 @@ fn read_segment(
     generation: GenerationId,
     expect_start: u64,
     page_size: u32,
-    mut buf: Vec<u8>,
+    buf: Vec<u8>,
 ) -> EngineResult<Segment> {
     let corrupt = |msg: &str| EngineError::Corrupt {
         key: key.to_string(),
@@ -661,15 +746,9 @@ fn read_segment(
     if h.page_size != page_size {
         return Err(corrupt("page size differs from the snapshot's"));
     }
-    let mut spool = if h.raw_len <= SPOOL_LIMIT {
-        buf.clear();
-        buf.reserve(h.raw_len as usize);
-        Spool::Memory(buf)
-    } else {
-        Spool::File(tempfile::tempfile().map_err(|e| EngineError::io("create spool file", e))?)
-    };
+    let mut pages = Pages::new(page_size, buf);
     if h.kind == Kind::Segment {
-        read_frames(&mut r, &h, &mut spool, key)?;
+        read_frames(&mut r, &h, &mut pages, key)?;
     } else {
         // Merged: each segment's header, then its frames; the segments continue each other
         // from the merged segment's start to its end.
@@ -696,7 +775,7 @@ fn read_segment(
                 .checked_add(part.frames)
                 .filter(|n| *n <= h.frames)
                 .ok_or_else(|| corrupt("more frames than the header says"))?;
-            read_frames(&mut r, &part, &mut spool, key)?;
+            read_frames(&mut r, &part, &mut pages, key)?;
             at = part.end;
         }
         if frames != h.frames {
@@ -710,22 +789,15 @@ fn read_segment(
         Ok(_) => return Err(corrupt("more frames than the header says")),
         Err(e) => return Err(classify(key, e)),
     }
-    if let Spool::File(f) = &mut spool {
-        f.seek(SeekFrom::Start(0))
-            .map_err(|e| EngineError::io("rewind spool file", e))?;
-    }
-    Ok(Segment {
-        header: h,
-        frames: spool,
-    })
+    Ok(Segment { header: h, pages })
 }
 
 /// Reads the frames of one segment (`h`), verifying their checksum chain from its start
-/// checksum to its end checksum and that the last one commits, into `spool`.
+/// checksum to its end checksum and that the last one commits, into `pages`.
 fn read_frames(
     r: &mut impl Read,
     h: &ObjectHeader,
-    spool: &mut Spool,
+    pages: &mut Pages,
     key: &str,
 ) -> EngineResult<()> {
     let corrupt = |msg: &str| EngineError::Corrupt {
@@ -754,45 +826,13 @@ fn read_frames(
             )));
         }
         last_commit = fh.is_commit();
-        match spool {
-            Spool::Memory(v) => v.extend_from_slice(&frame),
-            Spool::File(f) => f
-                .write_all(&frame)
-                .map_err(|e| EngineError::io("write spool file", e))?,
-        }
+        pages.put(fh.pgno, &frame[FRAME_HEADER_SIZE..])?;
     }
     if !last_commit {
         return Err(corrupt("does not end with a commit frame"));
     }
     if chain.checksum() != h.wal.checksum {
         return Err(corrupt("final checksum differs from the header's"));
-    }
-    Ok(())
-}
-
-fn apply_segment(file: &File, seg: &Segment, page_size: u32) -> io::Result<()> {
-    let frame_size = FRAME_HEADER_SIZE + page_size as usize;
-    let apply = |frame: &[u8]| -> io::Result<()> {
-        let pgno = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
-        file.write_all_at(
-            &frame[FRAME_HEADER_SIZE..],
-            u64::from(pgno - 1) * u64::from(page_size),
-        )
-    };
-    match &seg.frames {
-        Spool::Memory(v) => {
-            for frame in v.chunks_exact(frame_size) {
-                apply(frame)?;
-            }
-        }
-        Spool::File(f) => {
-            let mut r = io::BufReader::with_capacity(1 << 20, f);
-            let mut frame = vec![0u8; frame_size];
-            for _ in 0..seg.header.frames {
-                r.read_exact(&mut frame)?;
-                apply(&frame)?;
-            }
-        }
     }
     Ok(())
 }
@@ -815,5 +855,68 @@ pub fn integrity_check(path: &Path) -> EngineResult<()> {
         Ok(())
     } else {
         Err(EngineError::IntegrityCheck(rows.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A page of `page_size` bytes, all `b`.
+    fn page(b: u8, page_size: usize) -> Vec<u8> {
+        vec![b; page_size]
+    }
+
+    fn applied(pages: &Pages, n: usize, page_size: usize) -> Vec<u8> {
+        let out = tempfile::tempfile().unwrap();
+        out.set_len((n * page_size) as u64).unwrap();
+        pages.apply(&out).unwrap();
+        let mut got = vec![0u8; n * page_size];
+        out.read_exact_at(&mut got, 0).unwrap();
+        got
+    }
+
+    #[test]
+    fn a_page_written_many_times_is_kept_and_applied_in_its_last_version() {
+        let ps = 512;
+        let mut pages = Pages::new(ps as u32, Vec::new());
+        for (pgno, b) in [(3, 1), (1, 2), (3, 3), (2, 4), (3, 5), (1, 6)] {
+            pages.put(pgno, &page(b, ps)).unwrap();
+        }
+        assert_eq!(pages.slots.len(), 3, "one slot per page");
+        assert_eq!(pages.mem.len(), 3 * ps);
+        let got = applied(&pages, 3, ps);
+        assert_eq!(&got[..ps], &page(6, ps)[..]);
+        assert_eq!(&got[ps..2 * ps], &page(4, ps)[..]);
+        assert_eq!(&got[2 * ps..], &page(5, ps)[..]);
+    }
+
+    #[test]
+    fn pages_past_the_spool_limit_move_to_a_file_and_keep_their_last_versions() {
+        let ps = 65536;
+        let n = SPOOL_LIMIT / ps + 8;
+        let mut pages = Pages::new(ps as u32, Vec::new());
+        for i in 0..n {
+            pages.put(i as u32 + 1, &page((i % 200) as u8, ps)).unwrap();
+        }
+        assert!(pages.file.is_some(), "spilled to a file");
+        assert!(pages.mem.is_empty());
+        // Rewrite an early page (now in the file) and a late one.
+        pages.put(1, &page(250, ps)).unwrap();
+        pages.put(n as u32, &page(251, ps)).unwrap();
+        let got = applied(&pages, n, ps);
+        for i in 0..n {
+            let want = match i {
+                0 => 250,
+                _ if i == n - 1 => 251,
+                _ => (i % 200) as u8,
+            };
+            assert!(
+                got[i * ps..(i + 1) * ps].iter().all(|b| *b == want),
+                "page {}",
+                i + 1
+            );
+        }
     }
 }
