@@ -29,8 +29,7 @@ use crate::replica::{Listed, Replica};
 pub struct RestoreOptions {
     /// Restore the state as of this time (ms since the epoch); `None` = the newest.
     pub target_ms: Option<i64>,
-    /// Segments fetched and verified at once while the snapshot downloads (at most
-    /// `DECODE_AHEAD`, 2, are held decoded).
+    /// Segments downloaded ahead of the one being applied.
     pub parallelism: usize,
     /// Replace an existing output file (its `-wal` and `-shm` too).
     pub overwrite: bool,
@@ -308,33 +307,12 @@ async fn attempt(
 
     // Segments are fetched from the start, while the snapshot downloads: small ones whole
     // (in parallel, held in memory), larger ones as streams read when applied.
-    // Each is verified on a blocking thread as soon as it arrives, while the snapshot
-    // downloads, against the start its place in the chain (from the keys) gives it; it is
-    // applied in order once the snapshot is written, checked again against the position
-    // reached. At most `DECODE_AHEAD` decoded segments wait, so memory stays bounded.
-    let (seg_tx, mut segments) = mpsc::channel(1);
-    let ObjectKey::Snapshot {
-        position: snap_at, ..
-    } = snap.key
-    else {
-        return Err(EngineError::Task("not a snapshot key".into()));
-    };
-    let mut plan: Vec<(String, u64)> = Vec::with_capacity(chain.len());
-    let mut at = snap_at;
-    for l in chain {
-        plan.push((l.name.clone(), at));
-        if let ObjectKey::Segment { end, .. } = l.key {
-            at = end;
-        }
-    }
-    let pool = BufferPool::default();
-    let _fetcher = AbortOnDrop(tokio::spawn(fetch_segments(
+    let (seg_tx, mut segments) = mpsc::channel(opts.parallelism.max(1));
+    let names: Vec<String> = chain.iter().map(|s| s.name.clone()).collect();
+    let _fetcher = AbortOnDrop(tokio::spawn(prefetch_segments(
         store.clone(),
-        replica.keys().cloned(),
-        generation,
-        plan,
-        opts.parallelism.clamp(1, DECODE_AHEAD),
-        pool.clone(),
+        names,
+        opts.parallelism.max(1),
         seg_tx,
     )));
 
@@ -394,43 +372,60 @@ async fn attempt(
     );
     let mut stop: Option<(String, String)> = None;
     let mut remaining: Vec<String> = chain.iter().map(|s| s.name.clone()).collect();
+    // One spool buffer, handed from segment to segment: fresh multi-MiB buffers would each
+    // cost page faults and zeroing.
+    let mut spool_buf: Vec<u8> = Vec::new();
     remaining.reverse();
     while let Some((name, got)) = segments.recv().await {
         remaining.pop();
-        let (seg, n) = match got {
-            Fetched::Ready(seg, n) => (seg, n),
-            Fetched::Gone => {
+        let obj = match got {
+            Ok(o) => o,
+            Err(StorageError::NotFound { .. }) => {
                 stop = Some((name, GONE.into()));
                 break;
             }
-            Fetched::Failed(EngineError::Corrupt { key, source }) => {
+            Err(e) => return Err(e.into()),
+        };
+        let body = obj.body;
+        let file2 = file.clone();
+        let key = name.clone();
+        let expect_start = report.position;
+        let keys = replica.keys().cloned();
+        let buf = std::mem::take(&mut spool_buf);
+        let r = run_blocking_with_stream(body, move |reader| {
+            let seg = read_segment(
+                reader,
+                keys.as_deref(),
+                &key,
+                generation,
+                expect_start,
+                page_size,
+                buf,
+            )?;
+            seg.pages
+                .apply(&file2)
+                .map_err(|e| EngineError::io("write temporary output", e))?;
+            Ok((seg.header, seg.pages.into_buf()))
+        })
+        .await;
+        let r = r.map(|((h, buf), n)| {
+            spool_buf = buf;
+            (h, n)
+        });
+        match r {
+            Ok((h, n)) => {
+                report.bytes += n;
+                report.position = h.end;
+                report.pages = h.db_pages;
+                report.timestamp_ms = h.timestamp_ms;
+                report.segments += 1;
+            }
+            Err(EngineError::Corrupt { key, source }) => {
                 stop = Some((key, source.to_string()));
                 break;
             }
-            Fetched::Failed(e) => return Err(e),
-        };
-        let h = seg.header;
-        if h.page_size != page_size || h.start > report.position || h.end <= report.position {
-            stop = Some((
-                name,
-                "header does not match the snapshot or the chain".into(),
-            ));
-            break;
+            Err(e) => return Err(e),
         }
-        let file2 = file.clone();
-        let pool2 = pool.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = seg.pages.apply(&file2);
-            pool2.put(seg.pages.into_buf());
-            r
-        })
-        .await?
-        .map_err(|e| EngineError::io("write temporary output", e))?;
-        report.bytes += n;
-        report.position = h.end;
-        report.pages = h.db_pages;
-        report.timestamp_ms = h.timestamp_ms;
-        report.segments += 1;
     }
     if let Some((key, why)) = stop {
         if why == GONE && on_stop.relist {
@@ -514,82 +509,24 @@ const GONE: &str = "disappeared during restore";
 /// `parallelism` in flight and as many waiting, at most 2 × `parallelism` of them are held.
 const PREFETCH_WHOLE: u64 = 2 * 1024 * 1024;
 
-/// Decoded segments waiting or being decoded at most (each holds up to `SPOOL_LIMIT` bytes of
-/// pages in memory).
-const DECODE_AHEAD: usize = 2;
-
-/// A segment fetched and verified ahead of being applied.
-enum Fetched {
-    /// Verified; with the bytes downloaded.
-    Ready(Segment, u64),
-    /// Deleted since the listing.
-    Gone,
-    /// Could not be read or failed to verify.
-    Failed(EngineError),
-}
-
-/// Spool buffers handed from segment to segment: fresh multi-MiB buffers would each cost
-/// page faults and zeroing.
-#[derive(Clone, Default)]
-struct BufferPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
-
-impl BufferPool {
-    fn take(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .ok()
-            .and_then(|mut v| v.pop())
-            .unwrap_or_default()
-    }
-
-    fn put(&self, buf: Vec<u8>) {
-        if let Ok(mut v) = self.0.lock()
-            && v.len() <= DECODE_AHEAD
-        {
-            v.push(buf);
-        }
-    }
-}
-
-/// Fetches and verifies the segments of `plan` (key, the start its place in the chain
-/// gives it), `ahead` at a time, and sends them on in order.
-async fn fetch_segments(
+/// Fetches segments in order, `parallelism` at a time, and sends them on in order.
+async fn prefetch_segments(
     store: Arc<dyn ObjectStore>,
-    keys: Option<Arc<KeyRing>>,
-    generation: GenerationId,
-    plan: Vec<(String, u64)>,
-    ahead: usize,
-    pool: BufferPool,
-    tx: mpsc::Sender<(String, Fetched)>,
+    names: Vec<String>,
+    parallelism: usize,
+    tx: mpsc::Sender<(String, Result<walship_storage::GetObject, StorageError>)>,
 ) {
-    let fetches = futures::stream::iter(plan.into_iter().map(|(name, expect_start)| {
+    let fetches = futures::stream::iter(names.into_iter().map(|name| {
         let store = store.clone();
-        let keys = keys.clone();
-        let pool = pool.clone();
         async move {
             let got = match store.get(&name, None).await {
                 Ok(obj) if obj.size <= PREFETCH_WHOLE => whole(obj).await,
                 other => other,
             };
-            let obj = match got {
-                Ok(o) => o,
-                Err(StorageError::NotFound { .. }) => return (name, Fetched::Gone),
-                Err(e) => return (name, Fetched::Failed(e.into())),
-            };
-            let key = name.clone();
-            let buf = pool.take();
-            let r = run_blocking_with_stream(obj.body, move |reader| {
-                read_segment(reader, keys.as_deref(), &key, generation, expect_start, buf)
-            })
-            .await;
-            let f = match r {
-                Ok((seg, n)) => Fetched::Ready(seg, n),
-                Err(e) => Fetched::Failed(e),
-            };
-            (name, f)
+            (name, got)
         }
     }))
-    .buffered(ahead);
+    .buffered(parallelism);
     futures::pin_mut!(fetches);
     while let Some(item) = fetches.next().await {
         if tx.send(item).await.is_err() {
@@ -787,6 +724,7 @@ fn read_segment(
     key: &str,
     generation: GenerationId,
     expect_start: u64,
+    page_size: u32,
     buf: Vec<u8>,
 ) -> EngineResult<Segment> {
     let corrupt = |msg: &str| EngineError::Corrupt {
@@ -805,7 +743,9 @@ fn read_segment(
     {
         return Err(corrupt("header does not match its key or the chain"));
     }
-    let page_size = h.page_size;
+    if h.page_size != page_size {
+        return Err(corrupt("page size differs from the snapshot's"));
+    }
     let mut pages = Pages::new(page_size, buf);
     if h.kind == Kind::Segment {
         read_frames(&mut r, &h, &mut pages, key)?;

@@ -305,8 +305,7 @@ pub struct RestoreArgs {
     /// Replace OUTPUT if it exists (and its -wal and -shm).
     #[arg(long)]
     pub force: bool,
-    /// Segments fetched and verified at once, beside the snapshot's download (at most 2
-    /// are held decoded, so memory stays bounded).
+    /// Downloads in flight at once.
     #[arg(long, default_value_t = 4)]
     pub parallelism: usize,
     /// The replica: file:///dir or s3://bucket/prefix?...
