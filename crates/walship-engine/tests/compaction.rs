@@ -4,10 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{app_db, digest};
 use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
 use walship_engine::replicate::ReplicatorHandle;
@@ -15,25 +18,6 @@ use walship_engine::{CompactionOptions, Replica, ReplicateOptions, RestoreOption
 use walship_format::crypto::{Key, KeyRing};
 use walship_format::key::ObjectKey;
 use walship_storage::{LocalStore, ObjectStore};
-
-fn app_db(dir: &Path) -> PathBuf {
-    let p = dir.join("app.db");
-    let c = Connection::open(&p).unwrap();
-    c.pragma_update(None, "journal_mode", "wal").unwrap();
-    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-        .unwrap();
-    p
-}
-
-fn digest(p: &Path) -> (i64, i64) {
-    let c = Connection::open(p).unwrap();
-    c.query_row(
-        "SELECT count(*), coalesce(sum(length(v) * id), 0) FROM t",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .unwrap()
-}
 
 fn opts(fan_in: u32, keep_parts: Duration) -> ReplicateOptions {
     ReplicateOptions {

@@ -5,10 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{app_db, digest};
 use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
 use walship_engine::{Replica, ReplicateOptions, RestoreOptions};
@@ -16,30 +19,11 @@ use walship_storage::{
     CallKind, Fault, FaultPlan, FaultStore, LocalStore, ObjectStore, RetryPolicy, RetryStore,
 };
 
-fn app_db(dir: &Path) -> PathBuf {
-    let p = dir.join("app.db");
-    let c = Connection::open(&p).unwrap();
-    c.pragma_update(None, "journal_mode", "wal").unwrap();
-    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-        .unwrap();
-    p
-}
-
 fn insert(c: &Connection, n: usize) {
     for _ in 0..n {
         c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
             .unwrap();
     }
-}
-
-fn digest(p: &Path) -> (i64, i64) {
-    let c = Connection::open(p).unwrap();
-    c.query_row(
-        "SELECT count(*), coalesce(sum(length(v) * id), 0) FROM t",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .unwrap()
 }
 
 fn fast_opts() -> ReplicateOptions {
