@@ -453,7 +453,7 @@ impl Lease {
                 holder: "nobody (released)".into(),
             });
         }
-        if self.sent.elapsed() < self.opts.ttl / 2 {
+        if std::time::Instant::now() < self.write_deadline() {
             return Ok(());
         }
         let next = self.seq + 1;
