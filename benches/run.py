@@ -1257,10 +1257,12 @@ class Harness:
 
     def section_diag(self) -> None:
         """Which part of a replicator costs the writer: small transactions at max rate beside
-        a bare pin (a reader holding a read transaction), a bare file watcher (inotify on the
-        database's directory) and walship, with the app's autocheckpoint on and off."""
+        a bare pin (a reader holding a read transaction), a pin moved on every 100 ms (as a
+        replicator that ships moves it), a bare file watcher (inotify on the database's
+        directory) and walship, with the app's autocheckpoint on and off. Then, without any
+        database, the cost of writing WAL-sized frames round a 4 MiB and a 256 MiB region."""
         p = self.p
-        configs = ["none", "pin", "watch", "walship/file"]
+        configs = ["none", "pin", "pin-moving", "watch", "walship/file"]
         for rnd in range(min(2, p.load_rounds)):
             for ac in (1000, 0):
                 for name in rotate(configs, rnd):
@@ -1270,8 +1272,9 @@ class Harness:
                     db = d / "app.db"
                     copy_db(self.template, db)
                     proc = None
-                    if name == "pin":
-                        proc = spawn([sys.executable, HELPERS, "pin", db],
+                    if name in ("pin", "pin-moving"):
+                        every = ["100"] if name == "pin-moving" else []
+                        proc = spawn([sys.executable, HELPERS, "pin", db, *every],
                                      log_path=self.work / f"{tag}.log")
                         time.sleep(0.5)
                     elif name == "watch":
@@ -1292,6 +1295,12 @@ class Harness:
                     log(f"diag ac={ac:4d} {name:12s} r{rnd}: {st['txn_per_s']:8.0f} txn/s "
                         f"p50 {st['p50_ms']:.3f} ms")
                     shutil.rmtree(d, ignore_errors=True)
+        for rnd in range(min(2, p.load_rounds)):
+            out = subprocess.run([sys.executable, HELPERS, "framewrite", self.work],
+                                 capture_output=True, text=True, check=True, timeout=120)
+            rec = json.loads(out.stdout)
+            self.raw.setdefault("framewrite", []).append(rec)
+            log(f"framewrite r{rnd}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rec.items()))
 
     # ---- 7. operations: the app's own TRUNCATE checkpoint, a replicator restarted ----------
 
@@ -1745,7 +1754,9 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
     if raw.get("diag"):
         L.append("## Diagnosis: what costs the writer\n")
         L.append("Small transactions at max rate, beside: nothing; `pin` = a process holding a "
-                 "read transaction open (what a replicator's pin does); `watch` = a process "
+                 "read transaction open (what a replicator's pin does); `pin-moving` = the same, "
+                 "taking a new read transaction every 100 ms before ending the old (what a "
+                 "replicator that ships and moves its pin on does); `watch` = a process "
                  "woken by inotify events of the database's directory (what a file-notification "
                  "wake-up does); walship/file. With the app's `wal_autocheckpoint` at SQLite's "
                  "default (1000) and off (0). Ratio against `none` of the same round and "
@@ -1755,7 +1766,7 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
         for ac in (1000, 0):
             base = {r["round"]: r for r in raw["diag"] if r["autocheckpoint"] == ac and
                     r["config"] == "none"}
-            for name in ("none", "pin", "watch", "walship/file"):
+            for name in ("none", "pin", "pin-moving", "watch", "walship/file"):
                 rs = [r for r in raw["diag"] if r["autocheckpoint"] == ac and
                       r["config"] == name]
                 if not rs:
@@ -1766,6 +1777,17 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                          f"{rng_str(ratios, 2)} | {rng_str([r['p50_ms'] for r in rs], 3)} | "
                          f"{rng_str([r['p99_ms'] for r in rs], 3)} |")
         L.append("")
+    if raw.get("framewrite"):
+        fw = raw["framewrite"]
+        small = [r["4MiB"] for r in fw]
+        large = [r["256MiB"] for r in fw]
+        L.append("Frame writes without a database (`helpers.py framewrite`: 4120-byte frames, "
+                 "two `pwrite`s each, round a region of a file already in the page cache): "
+                 f"4 MiB region {rng_str(small, 0)} frames/s, 256 MiB region "
+                 f"{rng_str(large, 0)} frames/s, ratio "
+                 f"{rng_str([b / a for a, b in zip(small, large)], 2)}. A WAL restarted every "
+                 "1000 frames (the app's autocheckpoint, nothing pinning it) is the first; a WAL "
+                 "pinned while it grows is the second.\n")
 
     if targets:
         L.insert(4, "## Targets\n\n| what | target | walship measured | met |\n"
