@@ -26,7 +26,7 @@
 //! leaves the replica as restorable as before.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use walship_format::crypto::KeyRing;
 use walship_format::key::{GenerationId, ObjectKey};
-use walship_format::object::{FLAG_LZ4, HEADER_SIZE, Kind, ObjectHeader, ObjectReader};
+use walship_format::object::{BodyWrite, FLAG_LZ4, HEADER_SIZE, Kind, ObjectHeader, ObjectReader};
 use walship_storage::{ByteStream, ObjectStore};
 
 use crate::error::{EngineError, EngineResult};
@@ -249,7 +249,7 @@ fn copy_part(
     keys: Option<&KeyRing>,
     key: &str,
     expect: &ObjectHeader,
-    w: &mut dyn Write,
+    w: &mut dyn BodyWrite,
 ) -> io::Result<()> {
     let obj = handle
         .block_on(store.get(key, None))
@@ -283,7 +283,18 @@ fn copy_part(
             .encode(),
         )?;
     }
-    let n = io::copy(&mut r, w)?;
+    // The part's blocks go into the merged object as they are stored (decrypted, and sealed
+    // again when the replica encrypts): CRC, lengths and authentication are checked on the
+    // way, and nothing is decompressed or compressed again. Restore decompresses and verifies
+    // every frame of the merged object.
+    let mut n = 0u64;
+    while let Some((raw, lz4)) = r
+        .next_stored_block()
+        .map_err(|e| io::Error::other(format!("read {key}: {e}")))?
+    {
+        w.write_compressed_block(raw, lz4)?;
+        n += raw as u64;
+    }
     if n != h.raw_len {
         return Err(io::Error::other(format!(
             "{key}: {n} bytes of frames where the header says {}",

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use walship_format::crypto::{Key, KeyRing};
 use walship_format::key::{GENERATIONS_DIR, GenerationId, ObjectKey};
-use walship_format::object::{HEADER_SIZE, ObjectHeader, ObjectWriter};
+use walship_format::object::{BodyWrite, HEADER_SIZE, ObjectHeader, ObjectWriter};
 use walship_storage::{ObjectStore, PutBody, PutOptions, StorageError, list_all, list_dirs};
 
 use crate::error::{EngineError, EngineResult};
@@ -135,7 +135,7 @@ impl Replica {
     /// objects are encoded in memory; larger ones stream to the store in chunks.
     pub async fn upload<F>(&self, key: &str, header: ObjectHeader, produce: F) -> EngineResult<u64>
     where
-        F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+        F: FnOnce(&mut dyn BodyWrite) -> io::Result<()> + Send + 'static,
     {
         let opts = PutOptions {
             if_none_match: true,

@@ -389,32 +389,32 @@ impl<W: Write> ObjectWriter<W> {
         );
         let n = lz4_flex::block::compress_into(&self.block, &mut out)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        let r = self.emit_block(self.block.len(), &out[..n]);
+        self.block.clear();
+        self.compressed = out;
+        r
+    }
+
+    /// Seals (when encrypting) and writes one block of `raw_len` raw bytes compressed to
+    /// `lz4`.
+    fn emit_block(&mut self, raw_len: usize, lz4: &[u8]) -> io::Result<()> {
         let sealed = match &mut self.seal {
             Some(seal) => {
                 let s = seal
                     .key
-                    .seal(
-                        &seal.prefix,
-                        &seal.context,
-                        seal.next_index,
-                        false,
-                        &out[..n],
-                    )
+                    .seal(&seal.prefix, &seal.context, seal.next_index, false, lz4)
                     .map_err(FormatError::into_io)?;
                 seal.next_index += 1;
                 Some(s)
             }
             None => None,
         };
-        let body = sealed.as_deref().unwrap_or(&out[..n]);
+        let body = sealed.as_deref().unwrap_or(lz4);
         let mut bh = [0u8; BLOCK_HEADER_SIZE];
-        put32(&mut bh, 0, self.block.len() as u32);
+        put32(&mut bh, 0, raw_len as u32);
         put32(&mut bh, 4, body.len() as u32);
         self.emit(&bh)?;
-        self.emit(body)?;
-        self.block.clear();
-        self.compressed = out;
-        Ok(())
+        self.emit(body)
     }
 
     /// Ends the body, writes the trailer, and returns the inner writer.
@@ -453,6 +453,31 @@ impl<W: Write> ObjectWriter<W> {
         self.out.write_all(&t)?;
         self.out.flush()?;
         Ok(self.out)
+    }
+}
+
+/// The body of an object being written: raw bytes through `Write`, or blocks already
+/// compressed (copied from another object by [`ObjectReader::next_stored_block`], so a merge
+/// need not decompress and compress them again).
+pub trait BodyWrite: Write {
+    /// Appends one block of `raw_len` raw bytes (1..=[`MAX_BLOCK`]) whose LZ4 compression is
+    /// `lz4`, after any raw bytes written before it. The caller vouches that `lz4`
+    /// decompresses to `raw_len` bytes: it came out of a verified object.
+    fn write_compressed_block(&mut self, raw_len: usize, lz4: &[u8]) -> io::Result<()>;
+}
+
+impl<W: Write> BodyWrite for ObjectWriter<W> {
+    fn write_compressed_block(&mut self, raw_len: usize, lz4: &[u8]) -> io::Result<()> {
+        if raw_len == 0 || raw_len > MAX_BLOCK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a block of {raw_len} raw bytes"),
+            ));
+        }
+        self.flush_block()?;
+        self.emit_block(raw_len, lz4)?;
+        self.raw_written += raw_len as u64;
+        Ok(())
     }
 }
 
@@ -558,7 +583,53 @@ impl<R: Read> ObjectReader<R> {
         self.input
     }
 
+    /// The next block as stored, decrypted but still compressed: its raw length and its
+    /// LZ4 bytes; `None` after the end block and a verified trailer. The CRC, lengths and
+    /// authentication are checked as by `read`; the decompression is not (whoever writes
+    /// the block on with [`BodyWrite::write_compressed_block`] copies it as it is, and every
+    /// reader of that object decompresses it). Callers must not act on the bytes before
+    /// this returned `None`, and must not mix it with `read` inside a block.
+    pub fn next_stored_block(&mut self) -> Result<Option<(usize, &[u8])>, FormatError> {
+        if self.block_pos != self.block.len() {
+            return Err(FormatError::Io(io::Error::other(
+                "a block was only partly read",
+            )));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        match self.read_stored_block()? {
+            None => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(raw) => {
+                self.raw_read += raw as u64;
+                Ok(Some((raw, &self.compressed)))
+            }
+        }
+    }
+
     fn next_block(&mut self) -> Result<bool, FormatError> {
+        let Some(raw) = self.read_stored_block()? else {
+            return Ok(false);
+        };
+        self.block.resize(raw, 0);
+        match lz4_flex::block::decompress_into(&self.compressed, &mut self.block) {
+            Ok(n) if n == raw => {}
+            _ => {
+                return Err(FormatError::corrupt(
+                    "block does not decompress to its length",
+                ));
+            }
+        }
+        self.block_pos = 0;
+        Ok(true)
+    }
+
+    /// Reads the next block into `compressed` (decrypted) and returns its raw length, or
+    /// `None` after the end block and the verified trailer.
+    fn read_stored_block(&mut self) -> Result<Option<usize>, FormatError> {
         let mut bh = [0u8; BLOCK_HEADER_SIZE];
         read_exact_or_truncated(&mut self.input, &mut bh, "object block header")?;
         self.crc.update(&bh);
@@ -579,7 +650,7 @@ impl<R: Read> ObjectReader<R> {
                 _ => return Err(FormatError::corrupt("bad end block")),
             }
             self.verify_trailer()?;
-            return Ok(false);
+            return Ok(None);
         }
         if raw > MAX_BLOCK
             || stored > lz4_flex::block::get_maximum_output_size(MAX_BLOCK) + TAG_SIZE
@@ -605,17 +676,7 @@ impl<R: Read> ObjectReader<R> {
             )?;
             seal.next_index += 1;
         }
-        self.block.resize(raw, 0);
-        match lz4_flex::block::decompress_into(&self.compressed, &mut self.block) {
-            Ok(n) if n == raw => {}
-            _ => {
-                return Err(FormatError::corrupt(
-                    "block does not decompress to its length",
-                ));
-            }
-        }
-        self.block_pos = 0;
-        Ok(true)
+        Ok(Some(raw))
     }
 
     fn verify_trailer(&mut self) -> Result<(), FormatError> {
@@ -907,6 +968,101 @@ mod tests {
         let mut raw = Vec::new();
         r.read_to_end(&mut raw).map_err(FormatError::from_io)?;
         Ok(raw)
+    }
+
+    /// Copies `src`'s blocks as stored into a new object after `prefix` raw bytes, as a merge
+    /// does; `key` encrypts the new object.
+    fn copy_blocks(
+        src: &[u8],
+        ring: Option<&KeyRing>,
+        prefix: &[u8],
+        key: Option<&Key>,
+    ) -> Result<Vec<u8>, FormatError> {
+        let mut r = ObjectReader::with_keys(src, ring)?;
+        let mut h = *r.header();
+        // The sources here are snapshots: the prefix is whole pages.
+        h.raw_len += prefix.len() as u64;
+        h.db_pages += (prefix.len() / h.page_size as usize) as u32;
+        let mut w = match key {
+            None => ObjectWriter::new(Vec::new(), &h),
+            Some(k) => ObjectWriter::new_encrypted(Vec::new(), &h, k, [7u8; 8]),
+        }
+        .map_err(FormatError::Io)?;
+        w.write_all(prefix).map_err(FormatError::Io)?;
+        while let Some((raw, lz4)) = r.next_stored_block()? {
+            w.write_compressed_block(raw, lz4)
+                .map_err(FormatError::Io)?;
+        }
+        w.finish().map_err(FormatError::Io)
+    }
+
+    #[test]
+    fn stored_blocks_copied_into_another_object_decode_to_the_same_bytes() {
+        let h = snapshot_header(40, 512);
+        let raw: Vec<u8> = (0..h.raw_len).map(|i| (i % 251) as u8).collect();
+        let mut w = ObjectWriter::new(Vec::new(), &h)
+            .expect("new")
+            .with_block_size(3000);
+        w.write_all(&raw).expect("write");
+        let src = w.finish().expect("finish");
+        let prefix = [0xEEu8; 512];
+        let copy = copy_blocks(&src, None, &prefix, None).expect("copy");
+        let (h2, raw2) = decode_from_slice(&copy).expect("decode");
+        assert_eq!(h2.raw_len, h.raw_len + 512);
+        assert_eq!(&raw2[..512], &prefix[..]);
+        assert_eq!(&raw2[512..], &raw[..]);
+
+        // From an encrypted object into one sealed with another key, and back to plain.
+        let k1 = Key::from_bytes(&[3u8; 32]).expect("key");
+        let k2 = Key::from_bytes(&[4u8; 32]).expect("key");
+        let enc = encrypted(&k1, &raw, 5000);
+        let ring = KeyRing::new(k2.clone()).with_reader(k1.clone());
+        let re = copy_blocks(&enc, Some(&ring), &prefix, Some(&k2)).expect("copy");
+        let got = decode_with(&re, &KeyRing::new(k2.clone())).expect("decode");
+        assert_eq!(&got[512..], &raw[..]);
+        assert!(
+            decode_with(&re, &KeyRing::new(k1)).is_err(),
+            "sealed with the new key"
+        );
+        let plain = copy_blocks(&re, Some(&ring), &[], None).expect("copy");
+        assert_eq!(decode_from_slice(&plain).expect("decode").1, got);
+    }
+
+    #[test]
+    fn copying_stored_blocks_still_checks_the_source_and_the_length() {
+        let h = snapshot_header(8, 512);
+        let raw = vec![5u8; h.raw_len as usize];
+        let mut w = ObjectWriter::new(Vec::new(), &h)
+            .expect("new")
+            .with_block_size(1024);
+        w.write_all(&raw).expect("write");
+        let src = w.finish().expect("finish");
+        // A flipped bit in a stored block fails the CRC when the trailer is reached.
+        let mut bad = src.clone();
+        bad[HEADER_SIZE + BLOCK_HEADER_SIZE + 2] ^= 0x10;
+        assert!(copy_blocks(&bad, None, &[], None).is_err());
+        // A cut object is truncated.
+        assert!(copy_blocks(&src[..src.len() - 10], None, &[], None).is_err());
+        // A block of no raw bytes, or more than the header allows, is refused.
+        let mut w = ObjectWriter::new(Vec::new(), &h).expect("new");
+        assert!(w.write_compressed_block(0, &[]).is_err());
+        assert!(w.write_compressed_block(MAX_BLOCK + 1, &[0]).is_err());
+        // Raw lengths that do not add up to the header's fail at the end.
+        let mut w = ObjectWriter::new(Vec::new(), &h).expect("new");
+        let lz4 = lz4_flex::block::compress(&[1u8; 100]);
+        w.write_compressed_block(100, &lz4).expect("block");
+        assert!(w.finish().is_err());
+    }
+
+    #[test]
+    fn a_partly_read_block_cannot_be_taken_as_stored() {
+        let h = snapshot_header(8, 512);
+        let raw = vec![5u8; h.raw_len as usize];
+        let bytes = encode_to_vec(&h, &raw).expect("encode");
+        let mut r = ObjectReader::new(&bytes[..]).expect("reader");
+        let mut some = [0u8; 10];
+        r.read_exact(&mut some).expect("read");
+        assert!(r.next_stored_block().is_err());
     }
 
     #[test]
