@@ -1140,10 +1140,16 @@ impl Replicator {
         .format();
         let wal_path = self.wal_path.clone();
         let frames = scan.frames.clone();
+        let verify_from = scan.verify.then(|| {
+            self.tail
+                .chain
+                .unwrap_or_else(|| FrameChain::from_header(&hdr))
+        });
         let bytes = self
             .replica
-            .upload(&key, header, move |w| {
-                walfile::copy_frames(&wal_path, &hdr, &frames, w)
+            .upload(&key, header, move |w| match verify_from {
+                Some(chain) => walfile::copy_frames_verified(&wal_path, &hdr, chain, &frames, w),
+                None => walfile::copy_frames(&wal_path, &hdr, &frames, w),
             })
             .await?;
         if let Some((tx, _)) = &self.compactor {
@@ -1493,6 +1499,9 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
     // keeps the sequence per connection, and a connection that never restarted the WAL
     // itself writes a header with sequence 0 and random salts.
     if tail.clean_pin_at != Some((tail.salts(), tail.frames())) {
+        if let Some(s) = old_incarnation_backlog(wal_path, tail)? {
+            return Ok(Observed::Frames(s));
+        }
         let clean = match tail.clean_pin_at {
             Some((_, f)) => format!("clean pin at frame {f}"),
             None => "pin not clean".into(),
@@ -1514,6 +1523,37 @@ fn observe_wal(db: &Db, wal_path: &Path, tail: &Tail) -> EngineResult<Observed> 
     .map_err(|e| EngineError::io("read WAL", e))?;
     s.header = Some(h);
     Ok(Observed::Frames(s))
+}
+
+/// The frames of the old incarnation still to ship after a restart under a clean pin taken
+/// at its frame `E` while the tail was behind `E` — a resumed replicator's backlog, when the
+/// app's next write restarted the completely copied-back WAL before the first sync shipped
+/// it. The restart was from exactly `E` (the clean pin stops every checkpoint, so nothing
+/// after `E` can have been copied back, which a restart needs), and the new incarnation
+/// overwrites the file from its start: frames after the tail may still be there. They are
+/// taken only if the old incarnation's checksum chain runs from the tail's own checksum
+/// through them, ending at a commit at or before `E` (or cut at the segment size, the rest
+/// following the same way); they are shipped with every byte checked against that chain as
+/// it is copied ([`walfile::copy_frames_verified`]), since the app may overwrite them
+/// meanwhile. Anything less, and the caller reports the break.
+fn old_incarnation_backlog(wal_path: &Path, tail: &Tail) -> EngineResult<Option<Scan>> {
+    let (Some((salts, end)), Some(h), Some(chain)) = (tail.clean_pin_at, tail.hdr, tail.chain)
+    else {
+        return Ok(None);
+    };
+    if salts != tail.salts() || end <= tail.frames() {
+        return Ok(None);
+    }
+    let mut s = walfile::scan(wal_path, &h, chain, segment_frames(&h))
+        .map_err(|e| EngineError::io("read WAL", e))?;
+    let whole = s.end() == end || (s.more && s.end() < end);
+    if s.frames.is_empty() || !whole {
+        return Ok(None);
+    }
+    tracing::info!(db = %wal_path.display(), position = tail.position, frames = s.frames.len(), wal_end = end, "WAL restarted before the backlog was shipped; shipping it from the old incarnation's frames");
+    s.header = None;
+    s.verify = true;
+    Ok(Some(s))
 }
 
 /// The file watcher's task; stops when dropped.

@@ -57,6 +57,10 @@ pub struct Scan {
     pub more: bool,
     /// Set by the replicator when the scan is of a new WAL incarnation.
     pub header: Option<WalHeader>,
+    /// Ship these frames with their bytes checked against the checksum chain as they are
+    /// copied, not only their headers: they are not under the pin (see
+    /// `replicate::old_incarnation_backlog`).
+    pub verify: bool,
 }
 
 impl Scan {
@@ -122,6 +126,7 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
         commits: 0,
         more: false,
         header: None,
+        verify: false,
     };
     let f = match File::open(path) {
         Ok(f) => f,
@@ -203,6 +208,51 @@ pub fn copy_frames(
     Ok(())
 }
 
+/// Like [`copy_frames`], but every frame read is checked against the checksum chain from
+/// `chain` (the chain at the frame before the first): what is written is exactly what
+/// verified, even if the file is being overwritten meanwhile.
+pub fn copy_frames_verified(
+    path: &Path,
+    hdr: &WalHeader,
+    chain: FrameChain,
+    frames: &[FrameRef],
+    w: &mut dyn Write,
+) -> io::Result<()> {
+    let f = File::open(path)?;
+    let Some(first) = frames.first() else {
+        return Ok(());
+    };
+    if first.index != chain.frames() + 1 {
+        return Err(io::Error::other(WalChanged { index: first.index }));
+    }
+    let mut cur = chain;
+    let mut r = FrameReader::new(&f, hdr, first.index);
+    let frame_size = hdr.frame_size() as usize;
+    let mut rest = frames;
+    while !rest.is_empty() {
+        let chunk = r.next_frames(rest.len())?;
+        if chunk.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "WAL shrank while shipping",
+            ));
+        }
+        let n = chunk.len() / frame_size;
+        for (frame, fr) in chunk.chunks_exact(frame_size).zip(&rest[..n]) {
+            let ok = matches!(
+                cur.check(frame),
+                Ok((fh, FrameCheck::Valid)) if fh.checksum == fr.checksum && fh.pgno == fr.pgno
+            );
+            if !ok {
+                return Err(io::Error::other(WalChanged { index: fr.index }));
+            }
+        }
+        w.write_all(chunk)?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
 fn check_frame_is(hdr: &WalHeader, fr: &FrameRef, frame: &[u8]) -> io::Result<()> {
     let fh = FrameHeader::parse(frame).map_err(|e| io::Error::other(e.to_string()))?;
     if fh.salt1 != hdr.salt1
@@ -269,5 +319,42 @@ mod tests {
         let mut out = Vec::new();
         copy_frames(&wal, &hdr, &s2.frames, &mut out).expect("copy");
         assert_eq!(out.len(), s2.frames.len() * hdr.frame_size() as usize);
+    }
+
+    #[test]
+    fn a_verified_copy_refuses_a_page_changed_under_an_unchanged_frame_header() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("a.db");
+        let c = Connection::open(&p).expect("open");
+        c.pragma_update(None, "journal_mode", "wal").expect("wal");
+        c.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("no autockpt");
+        c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);")
+            .expect("w");
+        let wal = dir.path().join("a.db-wal");
+        let hdr = read_header(&wal).expect("io").expect("header");
+        let start = FrameChain::from_header(&hdr);
+        let s = scan(&wal, &hdr, start, u32::MAX).expect("scan");
+        let mut good = Vec::new();
+        copy_frames_verified(&wal, &hdr, start, &s.frames, &mut good).expect("copy");
+        let mut plain = Vec::new();
+        copy_frames(&wal, &hdr, &s.frames, &mut plain).expect("copy");
+        assert_eq!(good, plain);
+        // A frame rewritten in place (as a restarted WAL's writer tearing it would): its
+        // header reads as before, its page does not.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&wal)
+            .expect("open");
+        let last = s.frames.last().expect("frames");
+        let at = hdr.frame_offset(last.index) + FRAME_HEADER_SIZE as u64 + 100;
+        f.write_all_at(b"torn", at).expect("write");
+        let mut out = Vec::new();
+        copy_frames(&wal, &hdr, &s.frames, &mut out).expect("header-only check passes");
+        let err = copy_frames_verified(&wal, &hdr, start, &s.frames, &mut Vec::new())
+            .expect_err("the chain catches the page");
+        assert!(err.to_string().contains("changed"), "{err}");
+        // Starting anywhere but right after the chain's frame is refused too.
+        assert!(copy_frames_verified(&wal, &hdr, start, &s.frames[1..], &mut Vec::new()).is_err());
     }
 }

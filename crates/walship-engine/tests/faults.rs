@@ -313,6 +313,93 @@ async fn a_resumed_replicator_ships_the_backlog_and_still_proves_the_next_restar
     assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
+/// Stops a replicator after `shipped` inserts, adds a backlog of `backlog` inserts that
+/// the app copies back completely, resumes with uploads failing for a while, and lets the
+/// app write `after` inserts — restarting the WAL before the backlog is shipped. Returns
+/// the first generation and the resumed replicator's final status.
+async fn restart_before_the_backlog_ships(
+    dir: &Path,
+    shipped: usize,
+    backlog: usize,
+    after: usize,
+) -> (
+    Option<walship_format::key::GenerationId>,
+    walship_engine::replicate::Status,
+) {
+    let db = app_db(dir);
+    let s = faulty_local(dir, false);
+    // No lease: its puts would fail with the others while the backlog waits.
+    let opts = ReplicateOptions {
+        checkpoint_frames: 1_000_000,
+        lease: None,
+        ..fast_opts()
+    };
+    let app = Connection::open(&db).unwrap();
+    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    insert(&app, shipped);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        opts.clone(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    let first = h.status().generation;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    insert(&app, backlog);
+    app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .unwrap();
+    s.plan.fail_for(
+        Some(CallKind::Put),
+        Duration::from_millis(800),
+        Fault::Transient,
+    );
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    // Once it has resumed (its pin taken on the completely copied-back WAL), the app's next
+    // write restarts the WAL.
+    let t0 = std::time::Instant::now();
+    while h.status().generation != first {
+        assert!(t0.elapsed() < Duration::from_secs(10), "did not resume");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    insert(&app, after);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    h.sync().await.unwrap();
+    insert(&app, 1);
+    h.sync().await.unwrap();
+    let st = h.status();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert!(s.plan.injected() > 0, "the backlog's first upload failed");
+    assert_restores_equal(&s.plain, dir, &db).await;
+    (first, st)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_before_a_resumed_backlog_shipped_continues_from_the_old_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    // The restart's few frames overwrite only the start of the file, shipped long before.
+    let (first, st) = restart_before_the_backlog_ships(dir.path(), 40, 10, 2).await;
+    assert_eq!(
+        (st.generation, st.generations_started),
+        (first, 0),
+        "the backlog still in the file was not shipped from there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_overwritten_by_the_restarted_wal_starts_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    // The new incarnation overwrites the backlog's frames: they are gone, and that is a break.
+    let (first, st) = restart_before_the_backlog_ships(dir.path(), 2, 10, 60).await;
+    assert_ne!(st.generation, first);
+    assert_eq!(st.generations_started, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_deleted_and_recreated_starts_a_new_generation() {
     let dir = tempfile::tempdir().unwrap();
