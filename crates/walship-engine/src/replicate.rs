@@ -413,7 +413,29 @@ struct Replicator {
     pending_since: Option<i64>,
     /// The compaction task and what feeds it the segments shipped; `None` when off.
     compactor: Option<(mpsc::Sender<Shipped>, AbortOnDrop)>,
+    /// What a handoff read under the write lock and has not uploaded yet (its upload
+    /// failed): shipped before anything else.
+    residue: Option<Residue>,
 }
+
+/// What the locked part of a handoff did.
+struct Locked {
+    /// Frames read under the lock, to upload now.
+    residue: Option<Residue>,
+    /// Whether it copied everything back and left the clean pin.
+    checkpointed: bool,
+}
+
+/// The frames a handoff read under the write lock, to upload once the lock is released.
+struct Residue {
+    generation: GenerationId,
+    scan: Scan,
+    body: Arc<Vec<u8>>,
+}
+
+/// The most a handoff reads into memory under the write lock; with more left to ship, the
+/// handoff waits for a later round.
+const RESIDUE_LIMIT: u64 = crate::replica::IN_MEMORY_LIMIT;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -604,6 +626,7 @@ impl Replicator {
             dirty,
             pending_since: None,
             compactor,
+            residue: None,
         };
         // The first snapshot reads WAL frames a restart may overwrite when the pin sits on a
         // completely checkpointed WAL (read mark 0): take the pin again and start over.
@@ -631,6 +654,8 @@ impl Replicator {
         end: Option<ReplicaEnd>,
         newest: Option<GenerationId>,
     ) -> EngineResult<()> {
+        // Frames of the generation being left behind are not shipped into the next.
+        self.residue = None;
         let timeout = self.opts.lock_timeout;
         let est = self.on_db(move |db| establish(db, timeout)).await?;
         // The pin's bound is the WAL end read under the lock; a resumed tail ships the
@@ -885,8 +910,8 @@ impl Replicator {
         if mark > 0 {
             self.pending_since = Some(self.pending_since.map_or(mark, |p| p.min(mark)));
         }
+        let mut shipped = self.ship_residue().await?;
         self.maybe_advance_pin().await?;
-        let mut shipped = false;
         // A restart seen mid-way is handled by observing again; a scan cut at the segment
         // size by shipping the rest in further segments.
         let mut restarts = 0;
@@ -1099,7 +1124,29 @@ impl Replicator {
         Ok(())
     }
 
+    /// Uploads a handoff's residue left by a failed upload, if it still continues the tail.
+    async fn ship_residue(&mut self) -> EngineResult<bool> {
+        let Some(r) = self.residue.take() else {
+            return Ok(false);
+        };
+        let first = r.scan.frames.first().map(|f| f.index);
+        if r.generation != self.tail.generation || first != Some(self.tail.frames() + 1) {
+            return Ok(false);
+        }
+        if let Err(e) = self.ship_with(r.scan.clone(), Some(r.body.clone())).await {
+            self.residue = Some(r);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     async fn ship(&mut self, scan: Scan) -> EngineResult<()> {
+        self.ship_with(scan, None).await
+    }
+
+    /// Uploads the frames of `scan` as a segment: from `body` when given (read before, under
+    /// the write lock), otherwise from the WAL file.
+    async fn ship_with(&mut self, scan: Scan, body: Option<Arc<Vec<u8>>>) -> EngineResult<()> {
         self.ensure_lease().await?;
         let t0 = Instant::now();
         let Some(hdr) = self.tail.hdr else {
@@ -1147,9 +1194,12 @@ impl Replicator {
         });
         let bytes = self
             .replica
-            .upload(&key, header, move |w| match verify_from {
-                Some(chain) => walfile::copy_frames_verified(&wal_path, &hdr, chain, &frames, w),
-                None => walfile::copy_frames(&wal_path, &hdr, &frames, w),
+            .upload(&key, header, move |w| match (body, verify_from) {
+                (Some(body), _) => w.write_all(&body),
+                (None, Some(chain)) => {
+                    walfile::copy_frames_verified(&wal_path, &hdr, chain, &frames, w)
+                }
+                (None, None) => walfile::copy_frames(&wal_path, &hdr, &frames, w),
             })
             .await?;
         if let Some((tx, _)) = &self.compactor {
@@ -1223,8 +1273,25 @@ impl Replicator {
         self.on_db(Db::unlock).await?;
         let held_ms = t0.elapsed().as_millis() as u64;
         tracing::debug!(db = %self.span_db(), held_ms, "write lock released");
+        let locked = r?;
+        if locked.checkpointed {
+            // The new pin's bound is the end read under the lock; the residue lies before it
+            // and must not count as past it.
+            self.commits_past_pin = 0;
+            self.pin_bound_pending = true;
+        }
+        if let Some(residue) = locked.residue {
+            self.residue = Some(residue);
+            if let Err(e) = self.ship_residue().await {
+                self.handoff_at = (self.tail.epoch, self.tail.frames());
+                return Err(e);
+            }
+        }
+        if locked.checkpointed {
+            self.pin_bound_pending = false;
+        }
         self.handoff_at = (self.tail.epoch, self.tail.frames());
-        r
+        Ok(())
     }
 
     /// A PASSIVE checkpoint while pinned: copies the WAL back up to the pin, in walship's
@@ -1241,28 +1308,83 @@ impl Replicator {
         Ok(())
     }
 
-    async fn handoff_locked(&mut self) -> EngineResult<()> {
-        // Nothing can be appended now: ship the rest.
+    /// Under the write lock: takes what is left of the WAL, then releases the pin, copies
+    /// everything back, and pins again on the completely copied-back WAL. What is left is
+    /// read into memory and uploaded once the lock is released (an upload is a round trip
+    /// to the store the app would wait for). More than [`RESIDUE_LIMIT`] left means the
+    /// store is not keeping up: the handoff is given up for now rather than make the app
+    /// wait. A WAL that did anything but grow is synced under the lock as anywhere.
+    async fn handoff_locked(&mut self) -> EngineResult<Locked> {
         let generation = self.tail.generation;
         let t0 = Instant::now();
-        self.sync_once().await?;
+        let mut residue = None;
+        match self.observe().await? {
+            Observed::Nothing => {}
+            Observed::Frames(scan)
+                if scan.header.is_none()
+                    && !scan.more
+                    && u64::from(scan.frames.len() as u32)
+                        * self.tail.hdr.map_or(u64::MAX, |h| h.frame_size())
+                        <= RESIDUE_LIMIT =>
+            {
+                let (wal_path, hdr, frames) =
+                    (self.wal_path.clone(), self.tail.hdr, scan.frames.clone());
+                let body = self
+                    .on_db(move |_| {
+                        let Some(hdr) = hdr else {
+                            return Err(EngineError::Task("frames without a WAL header".into()));
+                        };
+                        let mut body = Vec::with_capacity(frames.len() * hdr.frame_size() as usize);
+                        walfile::copy_frames(&wal_path, &hdr, &frames, &mut body)
+                            .map_err(|e| EngineError::io("read WAL", e))?;
+                        Ok(body)
+                    })
+                    .await?;
+                residue = Some(Residue {
+                    generation,
+                    scan,
+                    body: Arc::new(body),
+                });
+            }
+            Observed::Frames(scan) if scan.header.is_none() => {
+                // More than a residue: the store is not keeping up with the app. Uploading it
+                // here would hold the app up for as long; let the app go and hand off later.
+                let frames = scan.frames.len();
+                tracing::debug!(db = %self.span_db(), frames, "handoff postponed: more left to ship than the lock may wait for");
+                return Ok(Locked {
+                    residue: None,
+                    checkpointed: false,
+                });
+            }
+            _ => {
+                self.sync_once().await?;
+            }
+        }
         let ship_ms = t0.elapsed().as_millis() as u64;
         if self.tail.generation != generation {
             // The sync started a new generation, which took its own clean pin.
-            return Ok(());
+            return Ok(Locked {
+                residue: None,
+                checkpointed: false,
+            });
         }
+        // The end the WAL must still be at: the residue's, or the tail's.
+        let (end_chain, end_frames) = match &residue {
+            Some(r) => (Some(r.scan.chain), r.scan.end()),
+            None => (self.tail.chain, self.tail.frames()),
+        };
         let t1 = Instant::now();
         let wal_path = self.wal_path.clone();
-        let tail = self.tail.clone();
+        let salts = self.tail.salts();
         let (res, hdr) = self
             .on_db(move |db| {
                 // Still at the end? (Under the lock it cannot move, unless the sync failed.)
                 let hdr = walfile::read_header(&wal_path)
                     .map_err(|e| EngineError::io("read WAL header", e))?;
-                if hdr.map(|h| (h.salt1, h.salt2)) != tail.salts() {
+                if hdr.map(|h| (h.salt1, h.salt2)) != salts {
                     return Ok((None, hdr));
                 }
-                if let (Some(h), Some(c)) = (hdr, tail.chain) {
+                if let (Some(h), Some(c)) = (hdr, end_chain) {
                     let s = walfile::scan(&wal_path, &h, c, 1)
                         .map_err(|e| EngineError::io("read WAL", e))?;
                     if !s.frames.is_empty() {
@@ -1275,21 +1397,27 @@ impl Replicator {
                 Ok((Some(res?), hdr))
             })
             .await?;
-        if let Some(res) = res {
-            self.commits_past_pin = 0;
-            self.pin_bound_pending = false;
-            self.tail.clean_pin_at = Some((hdr.map(|h| (h.salt1, h.salt2)), self.tail.frames()));
-            // Until the pin can move off mark 0 (two transactions of the app shipped), every
-            // commit past the app's autocheckpoint threshold pays for a futile checkpoint:
-            // look again soon rather than a sync gap later — unless the app writes so little
-            // that its WAL cannot get near that threshold within a sync gap, when each look
-            // would only upload an object of one transaction.
-            self.follow_up = if self.light_load() { 0 } else { FOLLOW_UPS };
-            let ckpt_ms = t1.elapsed().as_millis() as u64;
-            tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, ship_ms, ckpt_ms, "checkpoint");
-            self.publish(|s| s.checkpoints += 1);
-        }
-        Ok(())
+        let Some(res) = res else {
+            // Nothing was released: what was read is shipped as by any sync.
+            return Ok(Locked {
+                residue,
+                checkpointed: false,
+            });
+        };
+        self.tail.clean_pin_at = Some((hdr.map(|h| (h.salt1, h.salt2)), end_frames));
+        // Until the pin can move off mark 0 (two transactions of the app shipped), every
+        // commit past the app's autocheckpoint threshold pays for a futile checkpoint:
+        // look again soon rather than a sync gap later — unless the app writes so little
+        // that its WAL cannot get near that threshold within a sync gap, when each look
+        // would only upload an object of one transaction.
+        self.follow_up = if self.light_load() { 0 } else { FOLLOW_UPS };
+        let ckpt_ms = t1.elapsed().as_millis() as u64;
+        tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, ship_ms, ckpt_ms, "checkpoint");
+        self.publish(|s| s.checkpoints += 1);
+        Ok(Locked {
+            residue,
+            checkpointed: true,
+        })
     }
 
     async fn run(mut self, cancel: CancellationToken) -> EngineResult<()> {

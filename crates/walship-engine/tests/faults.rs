@@ -313,6 +313,56 @@ async fn a_resumed_replicator_ships_the_backlog_and_still_proves_the_next_restar
     assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_never_makes_the_app_wait_for_an_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        ReplicateOptions {
+            lease: None,
+            ..fast_opts()
+        },
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    // Every request to the store takes 600 ms, as a distant or struggling store might.
+    s.plan.set_latency(Duration::from_millis(600));
+    let path = db.clone();
+    let app = std::thread::spawn(move || {
+        let c = Connection::open(&path).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        let mut worst = Duration::ZERO;
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_millis(4000) {
+            let t = std::time::Instant::now();
+            c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(v) VALUES (randomblob(300)); COMMIT;")
+                .unwrap();
+            worst = worst.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        worst
+    });
+    let worst = tokio::task::spawn_blocking(move || app.join().unwrap())
+        .await
+        .unwrap();
+    s.plan.set_latency(Duration::ZERO);
+    h.sync().await.unwrap();
+    let st = h.status();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert!(st.checkpoints >= 1, "no handoff ran: {st:?}");
+    // The lock is held for reading what is left and the checkpoint; the upload comes after.
+    assert!(
+        worst < Duration::from_millis(300),
+        "a commit waited {worst:?}: the handoff held the write lock over an upload"
+    );
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
 /// Stops a replicator after `shipped` inserts, adds a backlog of `backlog` inserts that
 /// the app copies back completely, resumes with uploads failing for a while, and lets the
 /// app write `after` inserts — restarting the WAL before the backlog is shipped. Returns
