@@ -1320,21 +1320,24 @@ impl Replicator {
         let mut residue = None;
         match self.observe().await? {
             Observed::Nothing => {}
-            Observed::Frames(scan)
-                if scan.header.is_none()
-                    && !scan.more
-                    && u64::from(scan.frames.len() as u32)
-                        * self.tail.hdr.map_or(u64::MAX, |h| h.frame_size())
-                        <= RESIDUE_LIMIT =>
-            {
-                let (wal_path, hdr, frames) =
-                    (self.wal_path.clone(), self.tail.hdr, scan.frames.clone());
+            Observed::Frames(scan) if scan.header.is_none() => {
+                let Some(hdr) = self.tail.hdr else {
+                    return Err(EngineError::Task("frames without a WAL header".into()));
+                };
+                let len = scan.frames.len() as u64 * hdr.frame_size();
+                if scan.more || len > RESIDUE_LIMIT {
+                    // The store is not keeping up with the app. Uploading this much here
+                    // would hold the app up for as long; let it go and hand off later.
+                    tracing::debug!(db = %self.span_db(), bytes = len, "handoff postponed: more left to ship than the lock may wait for");
+                    return Ok(Locked {
+                        residue: None,
+                        checkpointed: false,
+                    });
+                }
+                let (wal_path, frames) = (self.wal_path.clone(), scan.frames.clone());
                 let body = self
                     .on_db(move |_| {
-                        let Some(hdr) = hdr else {
-                            return Err(EngineError::Task("frames without a WAL header".into()));
-                        };
-                        let mut body = Vec::with_capacity(frames.len() * hdr.frame_size() as usize);
+                        let mut body = Vec::with_capacity(len as usize);
                         walfile::copy_frames(&wal_path, &hdr, &frames, &mut body)
                             .map_err(|e| EngineError::io("read WAL", e))?;
                         Ok(body)
@@ -1344,16 +1347,6 @@ impl Replicator {
                     generation,
                     scan,
                     body: Arc::new(body),
-                });
-            }
-            Observed::Frames(scan) if scan.header.is_none() => {
-                // More than a residue: the store is not keeping up with the app. Uploading it
-                // here would hold the app up for as long; let the app go and hand off later.
-                let frames = scan.frames.len();
-                tracing::debug!(db = %self.span_db(), frames, "handoff postponed: more left to ship than the lock may wait for");
-                return Ok(Locked {
-                    residue: None,
-                    checkpointed: false,
                 });
             }
             _ => {

@@ -183,29 +183,9 @@ pub fn copy_frames(
     frames: &[FrameRef],
     w: &mut dyn Write,
 ) -> io::Result<()> {
-    let f = File::open(path)?;
-    let Some(first) = frames.first() else {
-        return Ok(());
-    };
-    let mut r = FrameReader::new(&f, hdr, first.index);
-    let frame_size = hdr.frame_size() as usize;
-    let mut rest = frames;
-    while !rest.is_empty() {
-        let chunk = r.next_frames(rest.len())?;
-        if chunk.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "WAL shrank while shipping",
-            ));
-        }
-        let n = chunk.len() / frame_size;
-        for (frame, fr) in chunk.chunks_exact(frame_size).zip(&rest[..n]) {
-            check_frame_is(hdr, fr, frame)?;
-        }
-        w.write_all(chunk)?;
-        rest = &rest[n..];
-    }
-    Ok(())
+    copy_checked(path, hdr, frames, w, |fr, frame| {
+        check_frame_is(hdr, fr, frame)
+    })
 }
 
 /// Like [`copy_frames`], but every frame read is checked against the checksum chain from
@@ -218,14 +198,31 @@ pub fn copy_frames_verified(
     frames: &[FrameRef],
     w: &mut dyn Write,
 ) -> io::Result<()> {
-    let f = File::open(path)?;
-    let Some(first) = frames.first() else {
-        return Ok(());
-    };
-    if first.index != chain.frames() + 1 {
+    if let Some(first) = frames.first()
+        && first.index != chain.frames() + 1
+    {
         return Err(io::Error::other(WalChanged { index: first.index }));
     }
     let mut cur = chain;
+    copy_checked(path, hdr, frames, w, |fr, frame| match cur.check(frame) {
+        Ok((fh, FrameCheck::Valid)) if fh.checksum == fr.checksum && fh.pgno == fr.pgno => Ok(()),
+        _ => Err(io::Error::other(WalChanged { index: fr.index })),
+    })
+}
+
+/// Reads `frames` from the WAL in batches, passes each frame to `check` and writes every
+/// batch that passed to `w`.
+fn copy_checked(
+    path: &Path,
+    hdr: &WalHeader,
+    frames: &[FrameRef],
+    w: &mut dyn Write,
+    mut check: impl FnMut(&FrameRef, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let Some(first) = frames.first() else {
+        return Ok(());
+    };
+    let f = File::open(path)?;
     let mut r = FrameReader::new(&f, hdr, first.index);
     let frame_size = hdr.frame_size() as usize;
     let mut rest = frames;
@@ -239,13 +236,7 @@ pub fn copy_frames_verified(
         }
         let n = chunk.len() / frame_size;
         for (frame, fr) in chunk.chunks_exact(frame_size).zip(&rest[..n]) {
-            let ok = matches!(
-                cur.check(frame),
-                Ok((fh, FrameCheck::Valid)) if fh.checksum == fr.checksum && fh.pgno == fr.pgno
-            );
-            if !ok {
-                return Err(io::Error::other(WalChanged { index: fr.index }));
-            }
+            check(fr, frame)?;
         }
         w.write_all(chunk)?;
         rest = &rest[n..];
