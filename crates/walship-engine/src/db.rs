@@ -84,7 +84,9 @@ pub struct Db {
     pinned: Option<usize>,
     locked: bool,
     /// The WAL index (`-shm`), read to see an app's checkpoint waiting (see `shm_handle`).
-    shm: Option<Arc<File>>,
+    shm: Option<Arc<Shm>>,
+    /// Whether walship holds the WAL's checkpoint lock (see `Db::hold_checkpoints`).
+    ckpt_held: bool,
 }
 
 /// What the WAL index (the `-shm` file) says, read without taking any lock.
@@ -175,6 +177,7 @@ impl Db {
             pinned: None,
             locked: false,
             shm,
+            ckpt_held: false,
         })
     }
 
@@ -203,7 +206,7 @@ impl Db {
         if self.pinned.is_some() {
             return Ok(());
         }
-        begin_read(&self.readers[0])?;
+        self.without_checkpoint_hold(|db| begin_read(&db.readers[0]))?;
         self.pinned = Some(0);
         Ok(())
     }
@@ -217,7 +220,7 @@ impl Db {
             return self.pin();
         };
         let next = 1 - old;
-        begin_read(&self.readers[next])?;
+        self.without_checkpoint_hold(|db| begin_read(&db.readers[next]))?;
         self.pinned = Some(next);
         self.readers[old]
             .execute_batch("ROLLBACK")
@@ -248,7 +251,7 @@ impl Db {
         LOCK_DEADLINE.with(|d| d.set(Some(Instant::now() + timeout)));
         // An app's blocking checkpoint holding the lock waits for the pin: give up on it at
         // once while pinned (the caller lets it through); unpinned, it finishes by itself.
-        let shm = self.pinned.and(self.shm.clone());
+        let shm = self.pinned.and(self.shm.as_ref().map(|s| s.file.clone()));
         LOCK_SHM.with(|s| *s.borrow_mut() = shm);
         let r = self.locker.execute_batch("BEGIN IMMEDIATE");
         LOCK_DEADLINE.with(|d| d.set(None));
@@ -286,6 +289,10 @@ impl Db {
     /// checkpoint lock (an app whose WAL is past its autocheckpoint threshold tries one at
     /// every commit).
     pub fn checkpoint(&mut self, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
+        self.without_checkpoint_hold(|db| db.checkpoint_now(mode))
+    }
+
+    fn checkpoint_now(&mut self, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
         let deadline = Instant::now() + Duration::from_millis(20);
         loop {
             let r = self
@@ -306,12 +313,91 @@ impl Db {
         }
     }
 
+    /// Takes the WAL's checkpoint lock and keeps it, so that the app's checkpoints give up at
+    /// once (SQLite never waits for that lock) until `release_checkpoints`. While walship's
+    /// pin keeps a busy WAL from restarting, every commit of an app past its autocheckpoint
+    /// threshold would otherwise run a checkpoint of its own: a round of lock calls on the
+    /// WAL index for nothing, or, right after the pin moved, a copy back and an fsync in the
+    /// middle of the app's commit. `false` if another process holds the lock for longer
+    /// than a couple of milliseconds (an app's blocking checkpoint).
+    ///
+    /// The lock is a POSIX lock of this process on the `-shm` descriptor that is never
+    /// closed (see `shm_handle`), so it is this process's as SQLite's own locks are: walship's
+    /// checkpoints (and the recovery a read may run) take and release the same byte as
+    /// their own without waiting, and `without_checkpoint_hold` takes it again after them.
+    /// The kernel drops it if walship dies.
+    pub fn hold_checkpoints(&mut self) -> bool {
+        let Some(shm) = self.shm.clone() else {
+            return false;
+        };
+        let Ok(mut hold) = shm.hold.lock() else {
+            return false;
+        };
+        if !self.ckpt_held {
+            self.ckpt_held = true;
+            hold.holders += 1;
+        }
+        if !hold.locked {
+            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
+        }
+        hold.locked
+    }
+
+    /// Lets the app checkpoint again (see `hold_checkpoints`), once no other `Db` of this
+    /// process on the same file holds it either.
+    pub fn release_checkpoints(&mut self) {
+        if !self.ckpt_held {
+            return;
+        }
+        self.ckpt_held = false;
+        let Some(shm) = self.shm.clone() else {
+            return;
+        };
+        let Ok(mut hold) = shm.hold.lock() else {
+            return;
+        };
+        hold.holders = hold.holders.saturating_sub(1);
+        if hold.holders == 0 && hold.locked {
+            hold.locked = false;
+            if let Err(e) = set_lock(&shm.file, SHM_CKPT_LOCK, false) {
+                tracing::warn!(db = %self.path.display(), error = %e, "could not release the checkpoint lock");
+            }
+        }
+    }
+
+    /// Whether walship means to hold the checkpoint lock (it may have lost it for a moment
+    /// to an app's checkpoint; the next `hold_checkpoints` takes it again).
+    pub fn holds_checkpoints(&self) -> bool {
+        self.ckpt_held
+    }
+
+    /// Runs `f`, which may take and release the checkpoint lock through SQLite, and takes
+    /// the lock again after it if held. A POSIX lock is not counted: SQLite's release of the
+    /// byte is this process's, and so would be a release by another `Db` on the same file
+    /// in the middle of `f` — which would let an app's checkpoint run beside walship's. The
+    /// file's hold state is locked for the whole of `f` so that none happens.
+    fn without_checkpoint_hold<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let Some(shm) = self.shm.clone() else {
+            return f(self);
+        };
+        let Ok(mut hold) = shm.hold.lock() else {
+            return f(self);
+        };
+        let r = f(self);
+        if hold.holders > 0 {
+            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
+        }
+        r
+    }
+
     /// True while another process runs a blocking checkpoint (FULL, RESTART or TRUNCATE):
     /// it holds both the WAL write lock and the checkpoint lock, and waits for readers —
     /// walship's pin among them. A PASSIVE checkpoint holds no write lock, and an app
     /// transaction no checkpoint lock. Locks of this process are never reported.
     pub fn app_checkpoint_waiting(&self) -> bool {
-        self.shm.as_deref().is_some_and(checkpoint_waiting)
+        self.shm
+            .as_deref()
+            .is_some_and(|s| checkpoint_waiting(&s.file))
     }
 
     /// The WAL index's header and checkpoint progress, if the `-shm` file can be read and
@@ -320,7 +406,7 @@ impl Db {
         let shm = self.shm.as_ref()?;
         let mut b = [0u8; SHM_BACKFILL + 4];
         for _ in 0..100 {
-            std::os::unix::fs::FileExt::read_exact_at(&**shm, &mut b, 0).ok()?;
+            std::os::unix::fs::FileExt::read_exact_at(&*shm.file, &mut b, 0).ok()?;
             let (h1, rest) = b.split_at(SHM_HEADER);
             if h1 != &rest[..SHM_HEADER] {
                 std::hint::spin_loop();
@@ -374,6 +460,7 @@ impl Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
+        self.release_checkpoints();
         let _ = self.unlock();
         let _ = self.unpin();
     }
@@ -450,15 +537,48 @@ fn sibling(db: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// A descriptor of the `-shm` file at `path`, opened at most once per file for the life of
-/// the process and never closed: closing any descriptor of a file drops every POSIX lock
-/// the process holds on it, and SQLite's locks on the `-shm` file are the pin's read mark.
-/// (A database replaced under walship may keep its `-shm` file, which a fresh `Db` then
-/// shares.)
-fn shm_handle(path: &Path) -> Option<Arc<File>> {
+/// A database's `-shm` file as this process keeps it (see `shm_handle`).
+#[derive(Debug)]
+struct Shm {
+    /// Never closed: closing any descriptor of a file drops every POSIX lock the process
+    /// holds on it, and SQLite's locks on the `-shm` file are the pin's read mark.
+    file: Arc<File>,
+    /// Which `Db`s of this process hold the checkpoint lock (`Db::hold_checkpoints`).
+    hold: std::sync::Mutex<CheckpointHold>,
+}
+
+#[derive(Debug, Default)]
+struct CheckpointHold {
+    /// `Db`s that want the lock held.
+    holders: u32,
+    /// Whether this process holds it now.
+    locked: bool,
+}
+
+/// Takes the checkpoint lock for this process, trying again for up to 2 ms: an app past
+/// its autocheckpoint threshold holds it for a moment at every commit.
+fn take_checkpoint_lock(shm: &File, db: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(2);
+    loop {
+        match set_lock(shm, SHM_CKPT_LOCK, true) {
+            Ok(true) => return true,
+            Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(20)),
+            Ok(false) => return false,
+            Err(e) => {
+                tracing::debug!(db = %db.display(), error = %e, "cannot hold the checkpoint lock");
+                return false;
+            }
+        }
+    }
+}
+
+/// The `-shm` file at `path`, opened at most once per file for the life of the process and
+/// never closed (see `Shm::file`). (A database replaced under walship may keep its `-shm`
+/// file, which a fresh `Db` then shares.)
+fn shm_handle(path: &Path) -> Option<Arc<Shm>> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
-    static OPEN: OnceLock<Mutex<HashMap<FileId, Arc<File>>>> = OnceLock::new();
+    static OPEN: OnceLock<Mutex<HashMap<FileId, Arc<Shm>>>> = OnceLock::new();
     let mut open = OPEN.get_or_init(Default::default).lock().ok()?;
     if let Some(f) = FileId::of(path).and_then(|id| open.get(&id)) {
         return Some(f.clone());
@@ -480,9 +600,12 @@ fn shm_handle(path: &Path) -> Option<Arc<File>> {
         std::mem::forget(f);
         return Some(known);
     }
-    let f = Arc::new(f);
-    open.insert(id, f.clone());
-    Some(f)
+    let shm = Arc::new(Shm {
+        file: Arc::new(f),
+        hold: Default::default(),
+    });
+    open.insert(id, shm.clone());
+    Some(shm)
 }
 
 /// The process holding a lock that conflicts with an exclusive lock on `byte` of `f`, if
@@ -503,6 +626,29 @@ fn lock_holder(f: &File, byte: i64) -> std::io::Result<Option<i32>> {
         return Err(std::io::Error::last_os_error());
     }
     Ok((fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid))
+}
+
+/// Takes (`lock`) or releases this process's exclusive POSIX lock on `byte` of `f`, without
+/// waiting. `Ok(false)`: another process holds it.
+#[allow(unsafe_code)]
+fn set_lock(f: &File, byte: i64, lock: bool) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `flock` is a plain C struct for which all zeroes is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if lock { libc::F_WRLCK } else { libc::F_UNLCK } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    // SAFETY: F_SETLK reads the `flock` we own, on a descriptor kept open by `f`.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
+    if r == -1 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EACCES) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -552,6 +698,63 @@ mod tests {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .expect("ckpt")
+    }
+
+    /// Whether another process finds `len` lock bytes of `db`'s WAL index from `byte` on
+    /// taken (a POSIX lock is never seen as taken by the process that holds it).
+    fn taken_elsewhere(db: &Path, byte: i64, len: i64) -> bool {
+        let probe = "import fcntl, sys\n\
+                     f = open(sys.argv[1], 'r+b')\n\
+                     try:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, int(sys.argv[3]), int(sys.argv[2]))\n\
+                     except OSError:\n    sys.exit(3)\n";
+        let st = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(probe)
+            .arg(shm_path(db))
+            .arg(byte.to_string())
+            .arg(len.to_string())
+            .status()
+            .expect("python3");
+        match st.code() {
+            Some(0) => false,
+            Some(3) => true,
+            other => panic!("lock probe failed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_held_checkpoint_lock_stops_other_processes_but_not_walships_own_checkpoints() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = wal_db(dir.path());
+        let app = Connection::open(&p).expect("app");
+        app.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("ac");
+        let mut a = Db::open(&p, false).expect("open a");
+        let mut b = Db::open(&p, false).expect("open b");
+        assert!(!taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+        a.pin().expect("pin");
+        assert!(a.hold_checkpoints());
+        assert!(b.hold_checkpoints());
+        assert!(taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+        app.execute_batch("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);")
+            .expect("write");
+        // Walship's own checkpoint takes and releases the byte as its own; the hold stays.
+        let r = a.checkpoint(CheckpointMode::Passive).expect("ckpt");
+        assert!(!r.busy && r.log > 0, "{r:?}");
+        assert!(taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+        a.advance_pin().expect("advance");
+        assert!(taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+        // Held while any `Db` of the file holds it.
+        a.release_checkpoints();
+        assert!(!a.holds_checkpoints());
+        assert!(taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+        drop(b);
+        assert!(!taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+        // And the pin's read lock survived all of it (a released POSIX lock is the whole
+        // process's).
+        assert!(taken_elsewhere(&p, SHM_CKPT_LOCK + 2, 5));
+        a.unpin().expect("unpin");
+        assert!(!taken_elsewhere(&p, SHM_CKPT_LOCK + 2, 5));
     }
 
     #[test]

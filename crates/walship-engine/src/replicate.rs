@@ -79,6 +79,10 @@ pub struct ReplicateOptions {
     pub lease: Option<LeaseOptions>,
     /// Merging runs of small segments ([`crate::compact`]). Default: on, 16 at a time.
     pub compaction: CompactionOptions,
+    /// While the app writes heavily, hold the WAL's checkpoint lock so that its own
+    /// checkpoints give up at once and walship's handoffs do them instead (`Db::
+    /// hold_checkpoints`). Default: on.
+    pub defer_app_checkpoints: bool,
 }
 
 impl Default for ReplicateOptions {
@@ -93,6 +97,7 @@ impl Default for ReplicateOptions {
             retention: RetentionPolicy::default(),
             lease: Some(LeaseOptions::default()),
             compaction: CompactionOptions::default(),
+            defer_app_checkpoints: true,
         }
     }
 }
@@ -1535,6 +1540,7 @@ impl Replicator {
             self.rate_since = Instant::now();
         }
         let shipped = shipped?;
+        self.hold_or_release_checkpoints().await?;
         if self.app_checkpointing() {
             // The app's own checkpoint holds the write lock a handoff would wait for, and
             // waits for the pin: let it through instead.
@@ -1564,6 +1570,34 @@ impl Replicator {
             && self.last_snapshot.elapsed() >= self.opts.snapshot_interval
         {
             self.write_snapshot().await?;
+        }
+        Ok(())
+    }
+
+    /// Holds the checkpoint lock while the app writes heavily (a round shipped a good part
+    /// of a handoff's worth of frames: its WAL is or soon will be past the autocheckpoint
+    /// threshold between handoffs), and lets go of it once the app's write rate is light
+    /// again (see [`light_load`]), when its checkpoints cost it little and may well be its
+    /// own blocking ones.
+    async fn hold_or_release_checkpoints(&mut self) -> EngineResult<()> {
+        if !self.opts.defer_app_checkpoints {
+            return Ok(());
+        }
+        let heavy = self.round_frames >= (self.opts.checkpoint_frames / 4).max(1);
+        let light = self.light_load() && !heavy;
+        let (before, after) = self
+            .on_db(move |db| {
+                let before = db.holds_checkpoints();
+                if heavy {
+                    db.hold_checkpoints();
+                } else if light {
+                    db.release_checkpoints();
+                }
+                Ok((before, db.holds_checkpoints()))
+            })
+            .await?;
+        if before != after {
+            tracing::debug!(db = %self.span_db(), held = after, "app checkpoints deferred to walship");
         }
         Ok(())
     }

@@ -257,6 +257,11 @@ pub struct ReplicateArgs {
     /// Checkpoint once the WAL holds this many frames.
     #[arg(long, default_value_t = 1000)]
     pub checkpoint_frames: u32,
+    /// While the app writes heavily, hold the WAL's checkpoint lock and checkpoint for it:
+    /// its own checkpoints (automatic or explicit) then report busy at once instead of
+    /// slowing its commits; released when its writes slow down
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub defer_app_checkpoints: bool,
     /// How long the final sync may take after SIGTERM/SIGINT.
     #[arg(long, default_value = "30s")]
     pub shutdown_timeout: Dur,

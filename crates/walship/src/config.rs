@@ -49,6 +49,7 @@ struct RawDb {
     name: Option<String>,
     enable_wal: Option<bool>,
     checkpoint_frames: Option<u32>,
+    defer_app_checkpoints: Option<bool>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -127,6 +128,8 @@ pub struct Defaults {
     pub snapshot_interval: Duration,
     /// `checkpoint-frames` of a database.
     pub checkpoint_frames: u32,
+    /// `defer-app-checkpoints` of a database.
+    pub defer_app_checkpoints: bool,
     /// `enable-wal` of a database.
     pub enable_wal: bool,
     /// `retention`.
@@ -143,6 +146,7 @@ impl Default for Defaults {
             sync_interval: Duration::from_secs(1),
             snapshot_interval: Duration::from_secs(300),
             checkpoint_frames: 1000,
+            defer_app_checkpoints: true,
             enable_wal: false,
             retention: RetentionPolicy::default(),
             lease: LeaseOptions::default(),
@@ -187,6 +191,8 @@ pub struct DbConfig {
     pub enable_wal: bool,
     /// Checkpoint once the WAL holds this many frames.
     pub checkpoint_frames: u32,
+    /// Hold the checkpoint lock while the app writes heavily.
+    pub defer_app_checkpoints: bool,
     /// Its replicas (at least one).
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -437,6 +443,9 @@ impl Config {
                 name,
                 enable_wal: d.enable_wal.unwrap_or(defaults.enable_wal),
                 checkpoint_frames: d.checkpoint_frames.unwrap_or(defaults.checkpoint_frames),
+                defer_app_checkpoints: d
+                    .defer_app_checkpoints
+                    .unwrap_or(defaults.defer_app_checkpoints),
                 replicas,
             });
         }
@@ -793,6 +802,7 @@ path = "/data/app.db"
         assert_eq!(d.path, PathBuf::from("/data/app.db"));
         assert_eq!(d.name, "app");
         assert_eq!(d.checkpoint_frames, 1000);
+        assert!(d.defer_app_checkpoints);
         let r = &d.replicas[0];
         assert_eq!(r.name, "1");
         assert_eq!(r.sync_interval, Duration::from_secs(1));
@@ -849,6 +859,7 @@ path = "app.db"
 name = "main"
 enable-wal = true
 checkpoint-frames = 500
+defer-app-checkpoints = false
   [[db.replica]]
   url = "s3://${BUCKET}/app"
   name = "r2"
@@ -881,6 +892,7 @@ checkpoint-frames = 500
         assert_eq!(d.name, "main");
         assert!(d.enable_wal);
         assert_eq!(d.checkpoint_frames, 500);
+        assert!(!d.defer_app_checkpoints);
         let r = &d.replicas[0];
         assert_eq!(r.name, "r2");
         assert!(matches!(&r.parsed, ReplicaUrl::S3 { bucket, .. } if bucket == "my-bucket"));
