@@ -337,9 +337,9 @@ impl Db {
             self.ckpt_held = true;
             hold.holders += 1;
         }
-        if !hold.locked {
-            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
-        }
+        // Taken again even when it should be held: a recovery run by one of walship's own
+        // reads or writes may have taken and released it as SQLite's own.
+        hold.locked = take_checkpoint_lock(&shm.file, &self.path);
         hold.locked
     }
 

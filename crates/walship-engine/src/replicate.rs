@@ -81,7 +81,9 @@ pub struct ReplicateOptions {
     pub compaction: CompactionOptions,
     /// While the app writes heavily, hold the WAL's checkpoint lock so that its own
     /// checkpoints give up at once and walship's handoffs do them instead (`Db::
-    /// hold_checkpoints`). Default: on.
+    /// hold_checkpoints`). Default: on. Turn it off when the app's connections live in the
+    /// replicator's own process: the lock is the process's, so it neither stops their
+    /// checkpoints nor can be released without dropping the lock one of them may hold.
     pub defer_app_checkpoints: bool,
 }
 
