@@ -46,6 +46,7 @@ pub mod db;
 mod error;
 pub mod inspect;
 pub mod lease;
+mod overlay;
 pub mod replica;
 pub mod replicate;
 pub mod restore;

@@ -6,7 +6,7 @@
 //! long, and writes a snapshot when the snapshot interval passed and the database changed.
 //! Anything it cannot prove continuous starts a new generation with a fresh snapshot.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,10 +24,11 @@ use crate::compact::{CompactionOptions, Compactor, Piece, Shipped};
 use crate::db::{CheckpointMode, Db};
 use crate::error::{EngineError, EngineResult};
 use crate::lease::{Lease, LeaseOptions};
+use crate::overlay::Overlay;
 use crate::replica::Replica;
 use crate::retention::RetentionPolicy;
 use crate::snapshot::{db_pages_from_file, write_image};
-use crate::walfile::{self, FrameRef, Scan};
+use crate::walfile::{self, Scan};
 
 /// Raw WAL bytes per segment object, beyond which a sync ships several: what an upload
 /// holds in memory stays flat however fast the app writes. (One transaction is never split,
@@ -335,7 +336,7 @@ struct Tail {
     /// WAL state at `position` (goes into object headers).
     pos_state: WalState,
     /// Latest shipped frame of each page in the current incarnation.
-    overlay: HashMap<u32, FrameRef>,
+    overlay: Overlay,
     /// Set when the pin was taken with everything up to the WAL's end shipped, in a way that
     /// proves its read mark is either a real one or mark 0 at that end (under the write lock,
     /// or by `yield_to_app_checkpoint`): the incarnation and frame count at that moment. A
@@ -591,7 +592,7 @@ impl Replicator {
             page_size: 0,
             position: 0,
             pos_state: WalState::default(),
-            overlay: HashMap::new(),
+            overlay: Overlay::default(),
             clean_pin_at: None,
         };
         let compactor = opts.compaction.enabled().then(|| {
@@ -703,9 +704,9 @@ impl Replicator {
         if checksum != oh.wal.checksum {
             return None;
         }
-        let mut overlay = HashMap::new();
+        let mut overlay = Overlay::default();
         for f in scan.frames.iter().filter(|f| f.index <= frames) {
-            overlay.insert(f.pgno, *f);
+            overlay.insert(f.pgno, f.index);
         }
         Some(Tail {
             generation: end.generation,
@@ -735,10 +736,10 @@ impl Replicator {
         let rand: u32 = rand::random();
         let generation = GenerationId::new_after(now_ms(), rand, newest);
         let frames = est.scan.as_ref().map_or(0, |s| s.end());
-        let mut overlay = HashMap::new();
+        let mut overlay = Overlay::default();
         if let Some(s) = &est.scan {
             for f in &s.frames {
-                overlay.insert(f.pgno, *f);
+                overlay.insert(f.pgno, f.index);
             }
         }
         let chain = est.scan.as_ref().map(|s| s.chain);
@@ -1222,7 +1223,7 @@ impl Replicator {
             });
         }
         for f in &scan.frames {
-            self.tail.overlay.insert(f.pgno, *f);
+            self.tail.overlay.insert(f.pgno, f.index);
         }
         if !self.pin_bound_pending {
             self.commits_past_pin = self.commits_past_pin.saturating_add(scan.commits);

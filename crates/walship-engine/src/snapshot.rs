@@ -4,10 +4,10 @@
 //! incarnation (up to the position) replaced by that frame's page. While the pin is held a
 //! checkpoint copies only frames at or below the pin's read mark into the file, so the file
 //! holds nothing newer than the position; a page being copied while we read it is one that
-//! the WAL overlay replaces anyway. Each overlay frame is checked to still be the frame the
-//! scan saw, so a WAL restarted under us fails the snapshot instead of corrupting it.
+//! the WAL overlay replaces anyway. Each overlay frame is checked to still hold its page in
+//! the incarnation the scan saw, so a WAL restarted under us fails the snapshot instead of
+//! corrupting it.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -15,7 +15,8 @@ use std::path::Path;
 
 use walship_format::wal::WalHeader;
 
-use crate::walfile::{FrameRef, read_frame_page};
+use crate::overlay::Overlay;
+use crate::walfile::read_frame_page;
 
 /// Pages read from the database file per syscall.
 const READ_PAGES: usize = 256;
@@ -29,7 +30,7 @@ pub fn write_image(
     db: &File,
     wal_path: &Path,
     wal: Option<&WalHeader>,
-    overlay: &HashMap<u32, FrameRef>,
+    overlay: &Overlay,
     db_pages: u32,
     page_size: u32,
     w: &mut dyn Write,
@@ -48,11 +49,11 @@ pub fn write_image(
         read_at_zero_fill(db, chunk, u64::from(pgno - 1) * page_size as u64)?;
         for i in 0..n {
             let p = pgno + i as u32;
-            if let Some(fr) = overlay.get(&p) {
+            if let Some(index) = overlay.get(p) {
                 let (Some(hdr), Some(wf)) = (wal, wal_file.as_ref()) else {
                     return Err(io::Error::other("overlay without a WAL"));
                 };
-                read_frame_page(wf, hdr, fr, &mut chunk[i * ps..(i + 1) * ps])?;
+                read_frame_page(wf, hdr, p, index, &mut chunk[i * ps..(i + 1) * ps])?;
             }
         }
         w.write_all(chunk)?;

@@ -265,17 +265,23 @@ pub struct WalChanged {
     pub index: u32,
 }
 
-/// Reads the page of frame `fr` into `page`, checking the frame is still the one scanned.
+/// Reads the page of frame `index`, which held page `pgno` when it was scanned, into `page`,
+/// checking it still does: same page number and the incarnation's salts (a restarted WAL
+/// rewrites its frames with new salts; within an incarnation a frame never changes).
 pub fn read_frame_page(
     file: &File,
     hdr: &WalHeader,
-    fr: &FrameRef,
+    pgno: u32,
+    index: u32,
     page: &mut [u8],
 ) -> io::Result<()> {
     let mut h = [0u8; FRAME_HEADER_SIZE];
-    let off = hdr.frame_offset(fr.index);
+    let off = hdr.frame_offset(index);
     file.read_exact_at(&mut h, off)?;
-    check_frame_is(hdr, fr, &h)?;
+    let fh = FrameHeader::parse(&h).map_err(|e| io::Error::other(e.to_string()))?;
+    if fh.salt1 != hdr.salt1 || fh.salt2 != hdr.salt2 || fh.pgno != pgno {
+        return Err(io::Error::other(WalChanged { index }));
+    }
     file.read_exact_at(page, off + FRAME_HEADER_SIZE as u64)?;
     Ok(())
 }

@@ -36,6 +36,14 @@ fn fast_opts() -> ReplicateOptions {
     }
 }
 
+/// `fast_opts` without handoffs: nothing restarts the WAL but the app.
+fn no_handoff_opts() -> ReplicateOptions {
+    ReplicateOptions {
+        checkpoint_frames: 1_000_000,
+        ..fast_opts()
+    }
+}
+
 struct Setup {
     plan: FaultPlan,
     replica: Replica,
@@ -509,13 +517,13 @@ async fn once_shipped_the_apps_checkpoints_are_not_held_up_by_the_pin() {
         .unwrap();
     let s = faulty_local(dir.path(), false);
     let cancel = CancellationToken::new();
-    let opts = ReplicateOptions {
-        // No handoff: only the pin's own moves are under test.
-        checkpoint_frames: 1_000_000,
-        ..fast_opts()
-    };
-    let (h, task) =
-        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    // No handoff: only the pin's own moves are under test.
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        no_handoff_opts(),
+        cancel.clone(),
+    );
     h.sync().await.unwrap();
     for _ in 0..3 {
         for _ in 0..4 {
@@ -582,4 +590,51 @@ async fn a_due_snapshot_waits_for_the_next_write_instead_of_costing_requests_whi
     cancel.cancel();
     task.await.unwrap().unwrap();
     assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_a_wal_holding_thousands_of_pages_restore_equal() {
+    // A WAL that never restarts while it collects more pages than the overlay keeps in a
+    // map (it switches to an array): the snapshot at the start and one taken later must both
+    // take every page from its latest frame.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let app = Connection::open(&db).unwrap();
+    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    let big = |n: usize| {
+        app.execute_batch("BEGIN").unwrap();
+        for _ in 0..n {
+            app.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+                .unwrap();
+        }
+        app.execute_batch("COMMIT").unwrap();
+    };
+    big(6000);
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    // No handoff: the WAL keeps every frame.
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        no_handoff_opts(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+    big(6000);
+    app.execute("UPDATE t SET v = randomblob(3000) WHERE id % 7 = 0", [])
+        .unwrap();
+    h.sync().await.unwrap();
+    h.snapshot().await.unwrap();
+    std::fs::remove_file(dir.path().join("out.db")).unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    // Both images came from the WAL: nothing was ever copied back.
+    let (log, _): (i64, i64) = app
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert!(log > 12_000, "the WAL holds {log} frames");
 }
