@@ -445,6 +445,10 @@ struct Residue {
 /// handoff waits for a later round.
 const RESIDUE_LIMIT: u64 = crate::replica::IN_MEMORY_LIMIT;
 
+/// Snapshots at least this large (a second or more of uploading) hold the checkpoint lock
+/// while they upload (see `Replicator::write_snapshot`).
+const LONG_SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024;
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -797,6 +801,14 @@ impl Replicator {
     /// until it finishes (the loop is sequential, so it is).
     async fn write_snapshot(&mut self) -> EngineResult<u64> {
         self.ensure_lease().await?;
+        let raw_len = u64::from(self.tail.db_pages) * u64::from(self.tail.page_size);
+        if self.opts.defer_app_checkpoints && raw_len >= LONG_SNAPSHOT_BYTES {
+            // The pin cannot move until the upload ends, and past its autocheckpoint
+            // threshold every commit of the app would run a checkpoint that stops at it.
+            // The next round lets go of the lock if the app writes little.
+            let held = self.on_db(|db| Ok(db.hold_checkpoints())).await?;
+            tracing::debug!(db = %self.span_db(), held, bytes = raw_len, "app checkpoints deferred for the snapshot");
+        }
         let t0 = Instant::now();
         let tail = &self.tail;
         let ts = now_ms();
