@@ -206,7 +206,7 @@ impl Db {
         if self.pinned.is_some() {
             return Ok(());
         }
-        self.without_checkpoint_hold(|db| begin_read(&db.readers[0]))?;
+        self.keeping_checkpoint_hold(|db| begin_read(&db.readers[0]))?;
         self.pinned = Some(0);
         Ok(())
     }
@@ -220,7 +220,7 @@ impl Db {
             return self.pin();
         };
         let next = 1 - old;
-        self.without_checkpoint_hold(|db| begin_read(&db.readers[next]))?;
+        self.keeping_checkpoint_hold(|db| begin_read(&db.readers[next]))?;
         self.pinned = Some(next);
         self.readers[old]
             .execute_batch("ROLLBACK")
@@ -289,7 +289,7 @@ impl Db {
     /// checkpoint lock (an app whose WAL is past its autocheckpoint threshold tries one at
     /// every commit).
     pub fn checkpoint(&mut self, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
-        self.without_checkpoint_hold(|db| db.checkpoint_now(mode))
+        self.keeping_checkpoint_hold(|db| db.checkpoint_now(mode))
     }
 
     fn checkpoint_now(&mut self, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
@@ -324,7 +324,7 @@ impl Db {
     /// The lock is a POSIX lock of this process on the `-shm` descriptor that is never
     /// closed (see `shm_handle`), so it is this process's as SQLite's own locks are: walship's
     /// checkpoints (and the recovery a read may run) take and release the same byte as
-    /// their own without waiting, and `without_checkpoint_hold` takes it again after them.
+    /// their own without waiting, and `keeping_checkpoint_hold` takes it again after them.
     /// The kernel drops it if walship dies.
     pub fn hold_checkpoints(&mut self) -> bool {
         let Some(shm) = self.shm.clone() else {
@@ -376,7 +376,7 @@ impl Db {
     /// byte is this process's, and so would be a release by another `Db` on the same file
     /// in the middle of `f` — which would let an app's checkpoint run beside walship's. The
     /// file's hold state is locked for the whole of `f` so that none happens.
-    fn without_checkpoint_hold<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+    fn keeping_checkpoint_hold<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         let Some(shm) = self.shm.clone() else {
             return f(self);
         };

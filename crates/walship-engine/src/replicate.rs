@@ -1035,6 +1035,12 @@ impl Replicator {
         )
     }
 
+    /// Whether the last round shipped a quarter of `checkpoint_frames` or more: a heavy
+    /// write load.
+    fn heavy_round(&self) -> bool {
+        self.round_frames >= (self.opts.checkpoint_frames / 4).max(1)
+    }
+
     /// Bookkeeping after the pin moved: its mark is bounded once the WAL is read again, and
     /// no restart can be proven continuous under it.
     fn pin_advanced(&mut self) {
@@ -1470,8 +1476,7 @@ impl Replicator {
                     // Under a heavy write load (the last round shipped a good part of a
                     // checkpoint's worth) and right after a handoff, sync at once: the data is
                     // there, and waiting only lets lag and the WAL grow.
-                    let heavy = self.round_frames >= (self.opts.checkpoint_frames / 4).max(1);
-                    if since < self.opts.min_sync_gap && !heavy && self.follow_up == 0 {
+                    if since < self.opts.min_sync_gap && !self.heavy_round() && self.follow_up == 0 {
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             _ = tokio::time::sleep(self.opts.min_sync_gap - since) => {}
@@ -1598,7 +1603,7 @@ impl Replicator {
         if !self.opts.defer_app_checkpoints {
             return Ok(());
         }
-        let heavy = self.round_frames >= (self.opts.checkpoint_frames / 4).max(1);
+        let heavy = self.heavy_round();
         let light = self.light_load() && !heavy;
         let (before, after) = self
             .on_db(move |db| {

@@ -36,6 +36,19 @@ fn write(c: &Connection, txns: usize) {
     }
 }
 
+/// Waits up to 30 s for the replicator to start its first generation in `replica`.
+fn wait_for_generation(replica: &Path, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while generations(replica) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no generation; log:\n{}",
+            tail(log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn generations(replica: &Path) -> usize {
     std::fs::read_dir(replica.join("generations"))
         .map(|d| d.count())
@@ -59,15 +72,7 @@ fn the_apps_blocking_checkpoints_complete_while_replicating_and_lose_nothing() {
     );
     let mut c = app(&db);
     write(&c, 5);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while generations(&rdir) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no generation; log:\n{}",
-            tail(&log)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_generation(&rdir, &log);
     let modes = [
         "TRUNCATE", "RESTART", "TRUNCATE", "FULL", "TRUNCATE", "TRUNCATE",
     ];
@@ -183,16 +188,8 @@ fn heavy_load_probe(dir: &Path, extra: &[&str]) -> (f64, usize, Replicator, Stri
     let mut args = vec!["--sync-interval", "250ms"];
     args.extend_from_slice(extra);
     let rep = Replicator::start(&db, &url, &args, &log);
-    let deadline = Instant::now() + Duration::from_secs(30);
     write(&app(&db), 1);
-    while generations(&rdir) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no generation; log:\n{}",
-            tail(&log)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_generation(&rdir, &log);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = flat_out(&db, stop.clone());
     // Walship sees the load after a round or two.
