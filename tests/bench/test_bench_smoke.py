@@ -59,15 +59,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
                     "## 7. Operations"):
         assert heading in report, f"{heading!r} missing from the report:\n{report}"
     assert report in r.stdout, "the report is not printed"
+    # every write-throughput target names the machine's own noise beside it
+    assert report.count("A/A control") >= 4, report
 
     raw = json.loads(out.with_suffix(".json").read_text())
     configs = {"walship/file", "walship/s3"}
     for kind in ("small", "large"):
         got = {x["config"] for x in raw["load"] if x["kind"] == kind}
-        assert got == configs | {"none"}, (kind, got)
+        assert got == configs | {"none", "none again (A/A)"}, (kind, got)
     for x in raw["load"]:
         assert x["txns"] > 0 and x["errors"] == 0, x
-        if x["config"] != "none":
+        if not x["config"].startswith("none"):
             assert x["exit"] == 0 and x["maxrss_mib"] > 0, x
 
     assert {x["config"] for x in raw["lag"]} == configs

@@ -270,7 +270,11 @@ async fn encrypted_and_large_parts_merge_streaming_and_restore() {
     let dir = tempfile::tempdir().unwrap();
     let key = Key::from_bytes(&[7u8; 32]).unwrap();
     let replica = local(dir.path()).with_keys(KeyRing::new(key));
-    let rig = Rig::start(dir.path(), &replica, opts(16, Duration::from_secs(3600))).await;
+    // Larger merges than the defaults allow, to reach the streaming upload.
+    let mut o = opts(16, Duration::from_secs(3600));
+    o.compaction.small_bytes = 4 << 20;
+    o.compaction.max_bytes = 64 << 20;
+    let rig = Rig::start(dir.path(), &replica, o).await;
     let db = rig.db.clone();
     // 16 segments of ~640 KiB of incompressible pages: a merge of over 8 MiB streams.
     for _ in 0..16 {
