@@ -86,6 +86,12 @@ pub struct ReplicateOptions {
     /// replicator's own process: the lock is the process's, so it neither stops their
     /// checkpoints nor can be released without dropping the lock one of them may hold.
     pub defer_app_checkpoints: bool,
+    /// While deferring, a copy back of walship's that takes longer than this means the app
+    /// writes new pages faster than walship copies them into the database (large
+    /// transactions of fresh pages, a slow disk): the app's checkpoints are its own again
+    /// for ten sync intervals, so that its WAL stays bounded and walship's copying does not
+    /// hold up its shipping. Default 250 ms.
+    pub slow_copy_back: Duration,
 }
 
 impl Default for ReplicateOptions {
@@ -101,6 +107,7 @@ impl Default for ReplicateOptions {
             lease: Some(LeaseOptions::default()),
             compaction: CompactionOptions::default(),
             defer_app_checkpoints: true,
+            slow_copy_back: Duration::from_millis(250),
         }
     }
 }
@@ -135,6 +142,12 @@ pub struct Status {
     pub checkpoints: u64,
     /// Blocking checkpoints of the app (FULL, RESTART, TRUNCATE) the pin was moved aside for.
     pub app_checkpoints: u64,
+    /// Whether walship holds the WAL's checkpoint lock, doing the app's checkpoints for it
+    /// (see [`ReplicateOptions::defer_app_checkpoints`]).
+    pub app_checkpoints_deferred: bool,
+    /// Times walship handed the checkpoints back to the app because its own copy back was
+    /// too slow (see [`ReplicateOptions::slow_copy_back`]).
+    pub slow_copy_backs: u64,
     /// Snapshots written by this process.
     pub snapshots: u64,
     /// Bytes of the last snapshot uploaded.
@@ -402,10 +415,16 @@ struct Replicator {
     /// Set when the pin moved in this sync: its read mark is bounded only once the WAL has
     /// been read after it.
     pin_bound_pending: bool,
+    /// The WAL's published end (salts, frames) read right after the pin moved, when known:
+    /// the pin's read mark is at or before it, so once the shipped end reaches it the mark
+    /// is bounded even in the middle of a long sync.
+    pin_bound: Option<((u32, u32), u32)>,
     /// The pin moved since the last checkpoint walship ran.
     pin_moved: bool,
     /// Frames shipped by the last round: a measure of the write load.
     round_frames: u32,
+    /// Until then the app's checkpoints are not deferred: walship's copy back was too slow.
+    own_checkpoints_until: Option<Instant>,
     /// The app's write rate, frames per second over the last second or more of rounds
     /// (`rate_since`, `rate_frames`: the window being counted).
     frames_per_sec: f64,
@@ -628,8 +647,10 @@ impl Replicator {
             last_handoff: Instant::now(),
             commits_past_pin: 0,
             pin_bound_pending: false,
+            pin_bound: None,
             pin_moved: false,
             round_frames: 0,
+            own_checkpoints_until: None,
             frames_per_sec: 0.0,
             rate_since: Instant::now(),
             rate_frames: 0,
@@ -674,6 +695,7 @@ impl Replicator {
         // frames before it with the next sync, and they must not count as past it.
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
+        self.pin_bound = None;
         let after_segments = end.is_some_and(|e| e.header.kind.has_frames());
         let resumed = end.and_then(|end| self.try_resume(&est, end));
         match resumed {
@@ -797,6 +819,15 @@ impl Replicator {
         self.status.send_modify(f);
     }
 
+    /// Publishes whether the app's checkpoints are deferred, when that changed.
+    fn publish_deferred(&self, held: bool) {
+        self.status.send_if_modified(|s| {
+            let changed = s.app_checkpoints_deferred != held;
+            s.app_checkpoints_deferred = held;
+            changed
+        });
+    }
+
     /// Uploads a snapshot of the tail's position. The pin must be held and not handed off
     /// until it finishes (the loop is sequential, so it is).
     async fn write_snapshot(&mut self) -> EngineResult<u64> {
@@ -808,6 +839,7 @@ impl Replicator {
             // The next round lets go of the lock if the app writes little.
             let held = self.on_db(|db| Ok(db.hold_checkpoints())).await?;
             tracing::debug!(db = %self.span_db(), held, bytes = raw_len, "app checkpoints deferred for the snapshot");
+            self.publish_deferred(true);
         }
         let t0 = Instant::now();
         let tail = &self.tail;
@@ -925,7 +957,17 @@ impl Replicator {
 
     /// Ships everything committed. Returns true if anything was uploaded.
     async fn sync_once(&mut self) -> EngineResult<bool> {
-        self.last_sync = Instant::now();
+        self.sync_within(None).await
+    }
+
+    /// Ships what is committed, stopping between segments once `budget` has passed (the
+    /// rest goes with the next round), so that an app writing about as fast as walship
+    /// ships cannot keep one sync going for ever: the round's other work (moving the pin,
+    /// the handoff that restarts the WAL) must still happen. Returns true if anything was
+    /// uploaded.
+    async fn sync_within(&mut self, budget: Option<Duration>) -> EngineResult<bool> {
+        let t0 = Instant::now();
+        self.last_sync = t0;
         let mark = self.dirty.swap(0, Ordering::AcqRel);
         if mark > 0 {
             self.pending_since = Some(self.pending_since.map_or(mark, |p| p.min(mark)));
@@ -979,6 +1021,11 @@ impl Replicator {
                     if !more {
                         break;
                     }
+                    // A long sync: the app's checkpoints may copy up to what is shipped.
+                    self.maybe_advance_pin().await?;
+                    if budget.is_some_and(|b| t0.elapsed() >= b) {
+                        return Ok(true);
+                    }
                 }
             }
         }
@@ -1020,8 +1067,14 @@ impl Replicator {
         if self.pin_bound_pending || self.commits_past_pin < 2 {
             return Ok(());
         }
-        self.on_db(Db::advance_pin).await?;
+        let ix = self
+            .on_db(|db| {
+                db.advance_pin()?;
+                Ok(db.wal_index())
+            })
+            .await?;
         self.pin_advanced();
+        self.pin_bound = ix.map(|ix| (ix.salts, ix.max_frame));
         self.follow_up = 0;
         Ok(())
     }
@@ -1046,6 +1099,7 @@ impl Replicator {
     fn pin_advanced(&mut self) {
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
+        self.pin_bound = None;
         self.pin_moved = true;
         self.tail.clean_pin_at = None;
     }
@@ -1250,6 +1304,14 @@ impl Replicator {
         self.tail.position = end;
         self.tail.pos_state = wal;
         self.tail.db_pages = db_pages;
+        if let Some((salts, frames)) = self.pin_bound
+            && self.tail.salts() == Some(salts)
+            && self.tail.frames() >= frames
+        {
+            // Shipped past the end the WAL had when the pin moved: past its mark too.
+            self.pin_bound_pending = false;
+            self.pin_bound = None;
+        }
         self.changed_since_snapshot = true;
         let elapsed_ms = t0.elapsed().as_millis() as u64;
         tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = end, frames = n, bytes, elapsed_ms, "segment uploaded");
@@ -1276,7 +1338,7 @@ impl Replicator {
         // Under a light load what the locked part ships is a few transactions anyway, and
         // each of these syncs would upload an object of its own.
         for _ in 0..if self.light_load() { 0 } else { 3 } {
-            self.sync_once().await?;
+            self.sync_within(Some(self.opts.sync_interval)).await?;
             if self.pin_moved {
                 self.checkpoint_to_pin().await?;
             }
@@ -1305,6 +1367,7 @@ impl Replicator {
             // and must not count as past it.
             self.commits_past_pin = 0;
             self.pin_bound_pending = true;
+            self.pin_bound = None;
         }
         if let Some(residue) = locked.residue {
             self.residue = Some(residue);
@@ -1329,8 +1392,18 @@ impl Replicator {
         let res = self
             .on_db(|db| db.checkpoint(CheckpointMode::Passive))
             .await?;
-        let elapsed_ms = t0.elapsed().as_millis() as u64;
+        let elapsed = t0.elapsed();
+        let elapsed_ms = elapsed.as_millis() as u64;
         tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, elapsed_ms, "checkpoint up to the pin");
+        if elapsed > self.opts.slow_copy_back && self.status.borrow().app_checkpoints_deferred {
+            // The app writes fresh pages faster than walship copies them back. Deferring
+            // would only let its WAL grow (a handoff needs everything copied back) while
+            // these copies hold up shipping: its own checkpoints pace it, as without walship.
+            self.own_checkpoints_until = Some(Instant::now() + self.opts.sync_interval * 10);
+            tracing::debug!(db = %self.span_db(), elapsed_ms, "copy back too slow; the app checkpoints for itself again");
+            self.publish(|s| s.slow_copy_backs += 1);
+            self.hold_or_release_checkpoints().await?;
+        }
         Ok(())
     }
 
@@ -1542,14 +1615,17 @@ impl Replicator {
         r.map(|_| ())
     }
 
-    async fn round(&mut self, _cmd: &Option<Command>) -> EngineResult<()> {
+    async fn round(&mut self, cmd: &Option<Command>) -> EngineResult<()> {
         if !self.db_still_there() {
             return Err(EngineError::MissingDatabase {
                 path: self.db_path.clone(),
             });
         }
         let before = self.status.borrow().frames_shipped;
-        let shipped = self.sync_once().await;
+        // A command's caller waits for everything committed before it; a round of the loop
+        // ships for at most a sync interval before it moves on.
+        let budget = cmd.is_none().then_some(self.opts.sync_interval);
+        let shipped = self.sync_within(budget).await;
         let after = self.status.borrow().frames_shipped;
         self.round_frames = u32::try_from(after.saturating_sub(before)).unwrap_or(u32::MAX);
         self.rate_frames += u64::from(self.round_frames);
@@ -1585,7 +1661,11 @@ impl Replicator {
         // A scheduled snapshot goes with the first sync after the interval that ships new
         // frames: an idle database costs no request, and a restore replays at most one
         // interval's worth of writes after its snapshot.
+        // Not while the pin may be ahead of what is shipped (it moved in a sync that stopped
+        // at its budget): checkpoints may have copied pages newer than the shipped position
+        // into the database file, which a snapshot reads.
         if shipped
+            && !self.pin_bound_pending
             && self.changed_since_snapshot
             && self.last_snapshot.elapsed() >= self.opts.snapshot_interval
         {
@@ -1603,8 +1683,14 @@ impl Replicator {
         if !self.opts.defer_app_checkpoints {
             return Ok(());
         }
-        let heavy = self.heavy_round();
-        let light = self.light_load() && !heavy;
+        let own = self
+            .own_checkpoints_until
+            .is_some_and(|t| Instant::now() < t);
+        if !own {
+            self.own_checkpoints_until = None;
+        }
+        let heavy = self.heavy_round() && !own;
+        let light = (self.light_load() || own) && !heavy;
         let (before, after) = self
             .on_db(move |db| {
                 let before = db.holds_checkpoints();
@@ -1619,6 +1705,7 @@ impl Replicator {
         if before != after {
             tracing::debug!(db = %self.span_db(), held = after, "app checkpoints deferred to walship");
         }
+        self.publish_deferred(after);
         Ok(())
     }
 

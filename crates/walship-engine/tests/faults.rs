@@ -638,3 +638,115 @@ async fn snapshots_of_a_wal_holding_thousands_of_pages_restore_equal() {
         .unwrap();
     assert!(log > 12_000, "the WAL holds {log} frames");
 }
+
+/// Frames the WAL index says are copied back into the database (`nBackfill`, after the
+/// index header's two 48-byte copies).
+fn backfilled(db: &Path) -> u32 {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-shm");
+    let b = std::fs::read(PathBuf::from(p)).unwrap();
+    u32::from_ne_bytes(b[96..100].try_into().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_walship_ships_a_growing_backlog_the_pin_moves_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    // The app's connections are in this process: no deferral (see the option). No handoffs:
+    // only the pin's moves let the app's checkpoints copy the WAL back.
+    let opts = ReplicateOptions {
+        defer_app_checkpoints: false,
+        ..no_handoff_opts()
+    };
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    // Every request takes 100 ms, and the app writes 256 KiB transactions of fresh pages
+    // back to back (with SQLite's automatic checkpoints): walship falls behind, and a sync
+    // that ships until it has caught up never ends while the app writes.
+    s.plan.set_latency(Duration::from_millis(100));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let c = Connection::open(&db).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.execute("INSERT INTO t(v) VALUES (randomblob(256 * 1024))", [])
+                    .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let st = h.status();
+    let copied = backfilled(&db);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    // Behind by this much (a long incarnation shipped, no restart), the pin must have moved
+    // between segments, each time to the WAL's end: the app's checkpoints copy up to it. A
+    // pin left where the sync began would have them stop near where the app started.
+    let shipped = (st.position & 0xffff_ffff) as u32;
+    if shipped >= 20_000 {
+        assert!(
+            copied >= shipped / 4,
+            "{copied} frames copied back with {shipped} shipped: the pin did not move; {st:?}"
+        );
+    }
+    s.plan.set_latency(Duration::ZERO);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+/// Runs a replicator beside an app writing small transactions flat out for 2.5 s, and
+/// returns its status after, and whether it ever reported deferring the app's checkpoints.
+async fn heavy_load_status(slow_copy_back: Duration) -> (walship_engine::Status, bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let opts = ReplicateOptions {
+        slow_copy_back,
+        ..fast_opts()
+    };
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let c = Connection::open(&db).unwrap();
+            // Only walship checkpoints: the deferral is about the app's own checkpoints in
+            // other processes, which this in-process connection is not.
+            c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_millis(2500) {
+                insert(&c, 20);
+            }
+        })
+    };
+    let mut deferred = false;
+    while !writer.is_finished() {
+        deferred |= h.status().app_checkpoints_deferred;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writer.join().unwrap();
+    let st = h.status();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+    (st, deferred)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_back_slower_than_its_budget_hands_the_checkpoints_back_to_the_app() {
+    // Under a heavy load walship takes the app's checkpoints over ...
+    let (st, deferred) = heavy_load_status(Duration::from_secs(3600)).await;
+    assert!(deferred, "never deferred under a heavy load: {st:?}");
+    assert_eq!(st.slow_copy_backs, 0, "{st:?}");
+    // ... unless its copies back take longer than allowed (here: any copy back), when it
+    // hands them back to the app.
+    let (st, _) = heavy_load_status(Duration::ZERO).await;
+    assert!(st.slow_copy_backs >= 1, "{st:?}");
+}

@@ -65,6 +65,8 @@ fn probes_health_and_metrics() {
         "walship_wal_bytes{db=\"app\"}",
         "walship_checkpoints_total{db=\"app\",mode=\"passive\"}",
         "walship_app_checkpoints_total{db=\"app\"}",
+        "walship_app_checkpoints_deferred{db=\"app\"}",
+        "walship_slow_copy_backs_total{db=\"app\"}",
         "walship_generation_changes_total{db=\"app\"}",
         "walship_health{db=\"app\"}",
     ] {

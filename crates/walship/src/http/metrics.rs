@@ -244,6 +244,24 @@ impl Collector for StatusCollector {
             "Blocking checkpoints of the app (FULL, RESTART, TRUNCATE) the pin was moved aside for",
             |r| r.st.app_checkpoints,
         )?;
+        self.gauge(
+            &mut enc,
+            "walship_app_checkpoints_deferred",
+            "1 while the replicator holds the WAL's checkpoint lock and checkpoints for the app",
+            |r| {
+                Some(if r.st.app_checkpoints_deferred {
+                    1.0
+                } else {
+                    0.0
+                })
+            },
+        )?;
+        self.counter(
+            &mut enc,
+            "walship_slow_copy_backs",
+            "Times the replicator's copy back was too slow and the app checkpointed for itself again",
+            |r| r.st.slow_copy_backs,
+        )?;
         self.counter(
             &mut enc,
             "walship_generation_changes",
