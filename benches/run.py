@@ -1511,16 +1511,18 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
     if raw["load"]:
         L.append("## 1. Write-load impact\n")
         L.append(f"Writer: Python sqlite3, WAL, synchronous=NORMAL, {h.p.load_seconds:g} s per "
-                 f"run at max rate, wal_autocheckpoint at SQLite's default (1000); small = 1 row of 100 B, "
-                 "large = 256 rows of 1 KiB. Replicator CPU is % of one core over the run; "
+                 f"run at max rate, wal_autocheckpoint at SQLite's default (1000); small = 1 row "
+                 "of 100 B, large = 256 rows of 1 KiB. \"max ms\" is the longest single commit "
+                 "(the longest the writer was held up at once). Replicator CPU is % of one core "
+                 "over the run; "
                  "\"exit after SIGTERM\" is the time the replicator took to ship its backlog and "
                  "exit when the writer stopped.\n")
         L.append(f"\"{AA_CONTROL}\" is the same unreplicated writer run a second time in "
                  "each round: its ratio to the first is what the machine's own noise does to a "
                  "ratio, and its spread is the floor under every other spread in the table.\n")
         L.append("| txn | config | txn/s | ratio vs none | ratio spread | p50 ms | p99 ms | "
-                 "Δp99 ms | replicator CPU % | peak RSS MiB | exit after SIGTERM s |")
-        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                 "Δp99 ms | max ms | replicator CPU % | peak RSS MiB | exit after SIGTERM s |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for kind in ("small", "large"):
             base = {r["round"]: r for r in raw["load"] if r["kind"] == kind and
                     r["config"] == "none"}
@@ -1545,6 +1547,7 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                          f"{rng_str([r['p50_ms'] for r in rs], 2)} | "
                          f"{rng_str([r['p99_ms'] for r in rs], 2)} | "
                          f"{rng_str(dp99, 2) if name != 'none' else ''} | "
+                         f"{rng_str([r.get('max_ms') for r in rs], 0)} | "
                          f"{rng_str([r.get('replicator_cpu_pct') for r in rs], 0)} | "
                          f"{rng_str([r.get('maxrss_mib') for r in rs], 0)} | "
                          f"{rng_str([r.get('stop_s') for r in rs], 2)} |")

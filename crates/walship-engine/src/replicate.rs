@@ -419,6 +419,11 @@ struct Replicator {
     /// the pin's read mark is at or before it, so once the shipped end reaches it the mark
     /// is bounded even in the middle of a long sync.
     pin_bound: Option<((u32, u32), u32)>,
+    /// The WAL's published end (salts, frames) read right after `maybe_advance_pin` last
+    /// moved the pin, for as long as that pin stays: its read mark is a real one (never the
+    /// "WAL ignored" mark 0) at or before this end. Unlike `pin_bound`, kept once shipping
+    /// passes it; `None` whenever the pin was taken any other way.
+    mark_bound: Option<((u32, u32), u32)>,
     /// The pin moved since the last checkpoint walship ran.
     pin_moved: bool,
     /// Frames shipped by the last round: a measure of the write load.
@@ -463,6 +468,12 @@ struct Residue {
 /// The most a handoff reads into memory under the write lock; with more left to ship, the
 /// handoff waits for a later round.
 const RESIDUE_LIMIT: u64 = crate::replica::IN_MEMORY_LIMIT;
+
+/// How far the WAL's end must be past the pin's mark for the pin to move without waiting for
+/// shipping (see `Replicator::maybe_advance_pin`): SQLite's default autocheckpoint
+/// threshold, so that the app's own checkpoints copy back about as much at a time as they
+/// would without walship.
+const PIN_STEP_FRAMES: u32 = 1000;
 
 /// Snapshots at least this large (a second or more of uploading) hold the checkpoint lock
 /// while they upload (see `Replicator::write_snapshot`).
@@ -648,6 +659,7 @@ impl Replicator {
             commits_past_pin: 0,
             pin_bound_pending: false,
             pin_bound: None,
+            mark_bound: None,
             pin_moved: false,
             round_frames: 0,
             own_checkpoints_until: None,
@@ -696,6 +708,7 @@ impl Replicator {
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
         self.pin_bound = None;
+        self.mark_bound = None;
         let after_segments = end.is_some_and(|e| e.header.kind.has_frames());
         let resumed = end.and_then(|end| self.try_resume(&est, end));
         match resumed {
@@ -1045,7 +1058,8 @@ impl Replicator {
     }
 
     /// Moves the pin up to the WAL's end once two transactions were shipped past the bound of
-    /// its read mark.
+    /// its read mark, or once the WAL's end is [`PIN_STEP_FRAMES`] past a real read mark's
+    /// bound, however far behind shipping is.
     ///
     /// A read transaction either holds a read mark at some frame (which stops checkpoints
     /// there and keeps the WAL from restarting) or, when the WAL was completely
@@ -1063,9 +1077,29 @@ impl Replicator {
     /// the first had finished (a writer publishes its commit before the next can start), so
     /// the WAL's committed end is past the old mark. The new mark itself is at or before the
     /// end read right after it, which is what the next bound is.
+    ///
+    /// When the old pin was moved here (`mark_bound`), its mark is a real one, at or before
+    /// that bound, and the WAL cannot restart under it: the WAL index showing the same
+    /// salts and a published end past the bound proves the same without shipping anything.
+    /// That keeps the pin near the WAL's end while shipping lags far behind (a slow store,
+    /// an app writing faster than it uploads), so that the app's own checkpoints copy back
+    /// a step at a time, as without walship, rather than everything the app wrote while
+    /// walship shipped the previous step — seconds of copying inside one of its commits. A
+    /// scheduled snapshot waits meanwhile (`pin_bound_pending`), as for any pin ahead of
+    /// the shipped end.
     async fn maybe_advance_pin(&mut self) -> EngineResult<()> {
-        if self.pin_bound_pending || self.commits_past_pin < 2 {
-            return Ok(());
+        let by_commits = !self.pin_bound_pending && self.commits_past_pin >= 2;
+        if !by_commits {
+            let Some((salts, bound)) = self.mark_bound else {
+                return Ok(());
+            };
+            let ix = self.on_db(|db| Ok(db.wal_index())).await?;
+            let past = ix.is_some_and(|ix| {
+                ix.salts == salts && ix.max_frame >= bound.saturating_add(PIN_STEP_FRAMES)
+            });
+            if !past {
+                return Ok(());
+            }
         }
         let ix = self
             .on_db(|db| {
@@ -1075,6 +1109,7 @@ impl Replicator {
             .await?;
         self.pin_advanced();
         self.pin_bound = ix.map(|ix| (ix.salts, ix.max_frame));
+        self.mark_bound = self.pin_bound;
         self.follow_up = 0;
         Ok(())
     }
@@ -1097,6 +1132,7 @@ impl Replicator {
     /// Bookkeeping after the pin moved: its mark is bounded once the WAL is read again, and
     /// no restart can be proven continuous under it.
     fn pin_advanced(&mut self) {
+        self.mark_bound = None;
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
         self.pin_bound = None;
@@ -1468,6 +1504,8 @@ impl Replicator {
         let t1 = Instant::now();
         let wal_path = self.wal_path.clone();
         let salts = self.tail.salts();
+        // The pin may be taken again below, on mark 0: no bound holds for it then.
+        self.mark_bound = None;
         let (res, hdr) = self
             .on_db(move |db| {
                 // Still at the end? (Under the lock it cannot move, unless the sync failed.)
