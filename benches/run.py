@@ -1058,6 +1058,11 @@ class Harness:
                         f"p50 {st['p50_ms']:.2f} ms p99 {st['p99_ms']:.2f} ms")
                     self.raw["load"].append(rec)
                     remove_db(db)
+                    if tool and rep.path is not None:
+                        shutil.rmtree(rep.path, ignore_errors=True)
+                    # What a run left dirty in the page cache (a replica of a gigabyte or
+                    # more) would otherwise be written back during the next run.
+                    os.sync()
         self.env.stop_s3()
 
     # ---- 2. replication lag -------------------------------------------------------------
@@ -1516,7 +1521,8 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                  "(the longest the writer was held up at once). Replicator CPU is % of one core "
                  "over the run; "
                  "\"exit after SIGTERM\" is the time the replicator took to ship its backlog and "
-                 "exit when the writer stopped.\n")
+                 "exit when the writer stopped. After each run the replica directory is removed "
+                 "and `sync` run, so that no run writes back what the one before left dirty.\n")
         L.append(f"\"{AA_CONTROL}\" is the same unreplicated writer run a second time in "
                  "each round: its ratio to the first is what the machine's own noise does to a "
                  "ratio, and its spread is the floor under every other spread in the table.\n")
