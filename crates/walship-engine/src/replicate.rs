@@ -415,14 +415,11 @@ struct Replicator {
     /// Set when the pin moved in this sync: its read mark is bounded only once the WAL has
     /// been read after it.
     pin_bound_pending: bool,
-    /// The WAL's published end (salts, frames) read right after the pin moved, when known:
-    /// the pin's read mark is at or before it, so once the shipped end reaches it the mark
-    /// is bounded even in the middle of a long sync.
-    pin_bound: Option<((u32, u32), u32)>,
     /// The WAL's published end (salts, frames) read right after `maybe_advance_pin` last
     /// moved the pin, for as long as that pin stays: its read mark is a real one (never the
-    /// "WAL ignored" mark 0) at or before this end. Unlike `pin_bound`, kept once shipping
-    /// passes it; `None` whenever the pin was taken any other way.
+    /// "WAL ignored" mark 0) at or before this end, so once the shipped end reaches it the
+    /// mark is bounded even in the middle of a long sync. `None` whenever the pin was taken
+    /// any other way.
     mark_bound: Option<((u32, u32), u32)>,
     /// The pin moved since the last checkpoint walship ran.
     pin_moved: bool,
@@ -660,7 +657,6 @@ impl Replicator {
             last_handoff: Instant::now(),
             commits_past_pin: 0,
             pin_bound_pending: false,
-            pin_bound: None,
             mark_bound: None,
             pin_moved: false,
             round_frames: 0,
@@ -709,7 +705,6 @@ impl Replicator {
         // frames before it with the next sync, and they must not count as past it.
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
-        self.pin_bound = None;
         self.mark_bound = None;
         let after_segments = end.is_some_and(|e| e.header.kind.has_frames());
         let resumed = end.and_then(|end| self.try_resume(&est, end));
@@ -1095,7 +1090,9 @@ impl Replicator {
             let Some((salts, bound)) = self.mark_bound else {
                 return Ok(());
             };
-            let ix = self.on_db(|db| Ok(db.wal_index())).await?;
+            // A read of the `-shm` file: no blocking task for it (the loop is the only user
+            // of the handle; busy, the pin just stays).
+            let ix = self.db.try_lock().ok().and_then(|db| db.wal_index());
             let past = ix.is_some_and(|ix| {
                 ix.salts == salts && ix.max_frame >= bound.saturating_add(PIN_STEP_FRAMES)
             });
@@ -1110,8 +1107,7 @@ impl Replicator {
             })
             .await?;
         self.pin_advanced();
-        self.pin_bound = ix.map(|ix| (ix.salts, ix.max_frame));
-        self.mark_bound = self.pin_bound;
+        self.mark_bound = ix.map(|ix| (ix.salts, ix.max_frame));
         self.follow_up = 0;
         Ok(())
     }
@@ -1137,7 +1133,6 @@ impl Replicator {
         self.mark_bound = None;
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
-        self.pin_bound = None;
         self.pin_moved = true;
         self.tail.clean_pin_at = None;
     }
@@ -1342,13 +1337,13 @@ impl Replicator {
         self.tail.position = end;
         self.tail.pos_state = wal;
         self.tail.db_pages = db_pages;
-        if let Some((salts, frames)) = self.pin_bound
+        if self.pin_bound_pending
+            && let Some((salts, frames)) = self.mark_bound
             && self.tail.salts() == Some(salts)
             && self.tail.frames() >= frames
         {
             // Shipped past the end the WAL had when the pin moved: past its mark too.
             self.pin_bound_pending = false;
-            self.pin_bound = None;
         }
         self.changed_since_snapshot = true;
         let elapsed_ms = t0.elapsed().as_millis() as u64;
@@ -1405,7 +1400,6 @@ impl Replicator {
             // and must not count as past it.
             self.commits_past_pin = 0;
             self.pin_bound_pending = true;
-            self.pin_bound = None;
         }
         if let Some(residue) = locked.residue {
             self.residue = Some(residue);
@@ -1506,9 +1500,7 @@ impl Replicator {
         let t1 = Instant::now();
         let wal_path = self.wal_path.clone();
         let salts = self.tail.salts();
-        // The pin may be taken again below, on mark 0: no bound holds for it then.
-        self.mark_bound = None;
-        let (res, hdr) = self
+        let r = self
             .on_db(move |db| {
                 // Still at the end? (Under the lock it cannot move, unless the sync failed.)
                 let hdr = walfile::read_header(&wal_path)
@@ -1528,7 +1520,12 @@ impl Replicator {
                 db.pin()?;
                 Ok((Some(res?), hdr))
             })
-            .await?;
+            .await;
+        if !matches!(r, Ok((None, _))) {
+            // The pin may have been taken again, on mark 0: no bound holds for it.
+            self.mark_bound = None;
+        }
+        let (res, hdr) = r?;
         let Some(res) = res else {
             // Nothing was released: what was read is shipped as by any sync.
             return Ok(Locked {
