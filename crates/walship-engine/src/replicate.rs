@@ -39,6 +39,10 @@ pub const SEGMENT_BYTES: u64 = 32 * 1024 * 1024;
 const FOLLOW_UP: Duration = Duration::from_millis(5);
 /// At most this many of them (reading the WAL only; nothing is sent while it is unchanged).
 const FOLLOW_UPS: u32 = 40;
+/// The window over which the app's write rate is measured. A load reads light only once a
+/// whole window has passed without a heavy round: at the start of a burst the last window
+/// still holds the idle spell before it.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Whether the app writes so few frames that within one sync gap its WAL grows by less than
 /// a quarter of the checkpoint threshold: then a handoff needs neither the syncs that bring
@@ -432,6 +436,8 @@ struct Replicator {
     frames_per_sec: f64,
     rate_since: Instant,
     rate_frames: u64,
+    /// When a round last shipped a heavy load's worth (see `heavy_round`).
+    heavy_at: Option<Instant>,
     /// A handoff left the pin on mark 0: sync again shortly, this many times at most, until
     /// it moves.
     follow_up: u32,
@@ -664,6 +670,7 @@ impl Replicator {
             frames_per_sec: 0.0,
             rate_since: Instant::now(),
             rate_frames: 0,
+            heavy_at: None,
             follow_up: 0,
             last_sync: Instant::now(),
             dirty,
@@ -1112,13 +1119,14 @@ impl Replicator {
         Ok(())
     }
 
-    /// Whether the app's current write rate is light (see [`light_load`]).
+    /// Whether the app's current write rate is light (see [`light_load`]), and no round
+    /// within the last [`RATE_WINDOW`] was heavy.
     fn light_load(&self) -> bool {
         light_load(
             self.frames_per_sec,
             self.opts.min_sync_gap,
             self.opts.checkpoint_frames,
-        )
+        ) && self.heavy_at.is_none_or(|t| t.elapsed() >= RATE_WINDOW)
     }
 
     /// Whether the last round shipped a quarter of `checkpoint_frames` or more: a heavy
@@ -1665,9 +1673,12 @@ impl Replicator {
         let shipped = self.sync_within(budget).await;
         let after = self.status.borrow().frames_shipped;
         self.round_frames = u32::try_from(after.saturating_sub(before)).unwrap_or(u32::MAX);
+        if self.heavy_round() {
+            self.heavy_at = Some(Instant::now());
+        }
         self.rate_frames += u64::from(self.round_frames);
         let window = self.rate_since.elapsed();
-        if window >= Duration::from_secs(1) {
+        if window >= RATE_WINDOW {
             self.frames_per_sec = self.rate_frames as f64 / window.as_secs_f64();
             self.rate_frames = 0;
             self.rate_since = Instant::now();

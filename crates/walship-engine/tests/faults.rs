@@ -829,3 +829,60 @@ async fn a_copy_back_slower_than_its_budget_hands_the_checkpoints_back_to_the_ap
     let (st, _) = heavy_load_status(Duration::ZERO).await;
     assert!(st.slow_copy_backs >= 1, "{st:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_after_an_idle_spell_keeps_the_app_checkpoints_deferred_until_it_ends() {
+    // The app's write rate is measured over windows of a second: at the start of a burst
+    // after an idle spell it still reads light. Handing the checkpoints back to the app on
+    // that reading, between two heavy rounds, makes every commit of the app past its
+    // autocheckpoint threshold attempt a checkpoint that walship's pin makes futile.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        fast_opts(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    let mut rx = h.watch();
+    let app = Connection::open(&db).unwrap();
+    for burst in 0..2 {
+        // Idle for two rate windows: the load reads light and the checkpoints are the app's.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        assert!(
+            !h.status().app_checkpoints_deferred,
+            "burst {burst}: still deferred after an idle spell"
+        );
+        let writer = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                let c = Connection::open(&db).unwrap();
+                let t0 = std::time::Instant::now();
+                while t0.elapsed() < Duration::from_millis(800) {
+                    insert(&c, 20);
+                }
+            })
+        };
+        // Every change of the deferral while the burst runs.
+        let mut seen = Vec::new();
+        rx.borrow_and_update();
+        while !writer.is_finished() {
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(5), rx.changed()).await {
+                seen.push(rx.borrow_and_update().app_checkpoints_deferred);
+            }
+        }
+        writer.join().unwrap();
+        seen.dedup();
+        assert!(
+            seen == [true] || seen == [false, true],
+            "burst {burst}: deferral went {seen:?} (want: taken once, kept to the end)"
+        );
+    }
+    drop(app);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
