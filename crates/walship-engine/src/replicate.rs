@@ -441,7 +441,11 @@ struct Replicator {
     /// A handoff left the pin on mark 0: sync again shortly, this many times at most, until
     /// it moves.
     follow_up: u32,
-    last_sync: Instant,
+    /// When the last segment's upload began: `min_sync_gap` runs from there. A round that
+    /// found nothing to ship does not count, or the first commit of a burst after an idle
+    /// spell would wait out the gap since an idle round (the app pays for that wait: its
+    /// checkpoints past the threshold stop at the pin until walship ships and moves it).
+    last_upload: Instant,
     /// Set by file notifications at the first WAL change after it was last taken.
     dirty: Arc<AtomicI64>,
     /// The oldest WAL change taken from `dirty` and not yet shipped.
@@ -539,6 +543,9 @@ struct Established {
     page_size: u32,
     db_pages: u32,
     clean: bool,
+    /// The bytes of every frame of `scan`, read under the write lock when the WAL was
+    /// completely copied back (see [`establish`]).
+    body: Option<Arc<Vec<u8>>>,
 }
 
 fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
@@ -578,12 +585,33 @@ fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
             None => db_pages_from_file(&db.file(), page_size)
                 .map_err(|e| EngineError::io("read database header", e))?,
         };
+        // A WAL completely copied back gives the pin read mark 0, which does not stop the
+        // app from restarting the WAL as soon as the lock is released: frames a resumed
+        // tail has not shipped yet would be overwritten before the first sync reads them.
+        // Read them now (a handoff's residue's worth at most) so they ship from memory.
+        let mut body = None;
+        if clean
+            && let (Some(h), Some(sc)) = (&hdr, &scan)
+            && !sc.frames.is_empty()
+            && db
+                .wal_index()
+                .is_some_and(|ix| ix.backfilled == ix.max_frame && ix.max_frame == sc.end())
+        {
+            let len = sc.frames.len() as u64 * h.frame_size();
+            if len <= RESIDUE_LIMIT {
+                let mut b = Vec::with_capacity(len as usize);
+                walfile::copy_frames(&wal_path, h, &sc.frames, &mut b)
+                    .map_err(|e| EngineError::io("read WAL", e))?;
+                body = Some(Arc::new(b));
+            }
+        }
         Ok(Established {
             hdr,
             scan,
             page_size,
             db_pages,
             clean,
+            body,
         })
     })();
     db.unlock()?;
@@ -672,7 +700,7 @@ impl Replicator {
             rate_frames: 0,
             heavy_at: None,
             follow_up: 0,
-            last_sync: Instant::now(),
+            last_upload: Instant::now(),
             dirty,
             pending_since: None,
             compactor,
@@ -718,6 +746,7 @@ impl Replicator {
         match resumed {
             Some(tail) => {
                 tracing::info!(db = %self.span_db(), generation = %tail.generation, position = tail.position, clean = est.clean, wal_end = est.scan.as_ref().map_or(0, |s| s.end()), "resuming replica");
+                self.residue = unshipped_residue(&est, &tail);
                 self.tail = tail;
                 // A snapshot is due only if segments were shipped after the newest one.
                 self.changed_since_snapshot = after_segments;
@@ -984,7 +1013,6 @@ impl Replicator {
     /// uploaded.
     async fn sync_within(&mut self, budget: Option<Duration>) -> EngineResult<bool> {
         let t0 = Instant::now();
-        self.last_sync = t0;
         let mark = self.dirty.swap(0, Ordering::AcqRel);
         if mark > 0 {
             self.pending_since = Some(self.pending_since.map_or(mark, |p| p.min(mark)));
@@ -1354,6 +1382,7 @@ impl Replicator {
             self.pin_bound_pending = false;
         }
         self.changed_since_snapshot = true;
+        self.last_upload = t0;
         let elapsed_ms = t0.elapsed().as_millis() as u64;
         tracing::info!(db = %self.span_db(), generation = %self.tail.generation, position = end, frames = n, bytes, elapsed_ms, "segment uploaded");
         let done = now_ms();
@@ -1590,7 +1619,7 @@ impl Replicator {
                     self.follow_up -= 1;
                 }
                 _ = self.wake.notified() => {
-                    let since = self.last_sync.elapsed();
+                    let since = self.last_upload.elapsed();
                     // Under a heavy write load (the last round shipped a good part of a
                     // checkpoint's worth) and right after a handoff, sync at once: the data is
                     // there, and waiting only lets lag and the WAL grow.
@@ -1760,6 +1789,32 @@ impl Replicator {
     fn db_still_there(&mut self) -> bool {
         self.db.lock().map(|db| db.path().exists()).unwrap_or(false)
     }
+}
+
+/// The frames of a copied-back WAL (read into `est.body` under the lock) that a resumed
+/// `tail` has not shipped: they go first with the next sync, from memory, so that a restart
+/// of the WAL before then is still proven continuous by the clean pin at the WAL's end.
+fn unshipped_residue(est: &Established, tail: &Tail) -> Option<Residue> {
+    let (body, scan, hdr) = (est.body.as_ref()?, est.scan.as_ref()?, est.hdr?);
+    let shipped = tail.frames() as usize;
+    if shipped >= scan.frames.len() || scan.frames.first().map(|f| f.index) != Some(1) {
+        return None;
+    }
+    let frame_size = usize::try_from(hdr.frame_size()).ok()?;
+    Some(Residue {
+        generation: tail.generation,
+        scan: Scan {
+            chain: scan.chain,
+            db_pages: scan.db_pages,
+            frames: scan.frames[shipped..].to_vec(),
+            // Before the pin's bound (`pin_bound_pending`): not counted past the pin.
+            commits: 0,
+            more: false,
+            header: None,
+            verify: false,
+        },
+        body: Arc::new(body.get(shipped * frame_size..)?.to_vec()),
+    })
 }
 
 /// If `scan` is of an incarnation other than the tail's, its header.

@@ -450,10 +450,25 @@ async fn a_restart_before_a_resumed_backlog_shipped_continues_from_the_old_frame
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_overwritten_by_the_restarted_wal_starts_a_new_generation() {
+async fn a_backlog_overwritten_by_the_restarted_wal_ships_from_what_was_read_at_resume() {
     let dir = tempfile::tempdir().unwrap();
-    // The new incarnation overwrites the backlog's frames: they are gone, and that is a break.
+    // The new incarnation overwrites the backlog's frames in the file, but the replicator
+    // read them at its start, under the write lock (found by the SIGKILL torture on S3:
+    // "WAL frame 99 changed while being read", then a new generation).
     let (first, st) = restart_before_the_backlog_ships(dir.path(), 2, 10, 60).await;
+    assert_eq!(
+        (st.generation, st.generations_started),
+        (first, 0),
+        "the backlog read at resume was not shipped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_too_big_to_read_at_resume_and_overwritten_starts_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    // Over 8 MiB of backlog (2,500 transactions of a 4 KiB page or two) is not read at
+    // the start; overwritten by the restarted WAL before it ships, it is gone: a break.
+    let (first, st) = restart_before_the_backlog_ships(dir.path(), 2, 2500, 60).await;
     assert_ne!(st.generation, first);
     assert_eq!(st.generations_started, 1);
 }
@@ -881,6 +896,52 @@ async fn a_burst_after_an_idle_spell_keeps_the_app_checkpoints_deferred_until_it
             "burst {burst}: deferral went {seen:?} (want: taken once, kept to the end)"
         );
     }
+    drop(app);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_commit_after_an_idle_spell_ships_without_waiting_out_the_gap() {
+    // `min_sync_gap` spaces uploads; a round that uploaded nothing (the periodic one while
+    // idle) must not start it, or the first commits of a burst wait for up to the gap while
+    // the app's checkpoints stop at the pin.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let opts = ReplicateOptions {
+        sync_interval: Duration::from_secs(1),
+        min_sync_gap: Duration::from_millis(950),
+        ..fast_opts()
+    };
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    let mut rx = h.watch();
+    let app = Connection::open(&db).unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        let before = rx.borrow_and_update().frames_shipped;
+        let t0 = std::time::Instant::now();
+        insert(&app, 1);
+        while rx.borrow_and_update().frames_shipped == before {
+            if tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .is_err()
+            {
+                panic!("a commit was not shipped within 5 s");
+            }
+        }
+        waits.push(t0.elapsed());
+    }
+    // Without the rule each wait is up to 950 ms, over 300 ms about two times in three.
+    assert!(
+        waits.iter().all(|w| *w < Duration::from_millis(300)),
+        "waits from commit to shipped after an idle spell: {waits:?}"
+    );
     drop(app);
     cancel.cancel();
     task.await.unwrap().unwrap();
