@@ -67,6 +67,9 @@ class Profile:
     name: str
     load_seconds: float
     load_rounds: int
+    burst_seconds: float  # writing time of each database in the bursts run
+    burst_gap: float  # idle spell after each 1 s burst
+    burst_rounds: int
     lag_seconds: float
     lag_rounds: int
     lag_rates: list
@@ -82,15 +85,18 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", load_seconds=6, load_rounds=3, lag_seconds=10, lag_rounds=2,
+    "full": Profile("full", load_seconds=6, load_rounds=3, burst_seconds=4, burst_gap=3,
+                    burst_rounds=2, lag_seconds=10, lag_rounds=2,
                     lag_rates=[50, 0], sizes=[100 * MB, 1024 * MIB], restore_reps=2,
                     segment_seconds=20, segment_rate=100, baseline_window=4,
                     idle_seconds=600, idle_burst_mb=50, idle_settle=5, template_rows=20_000),
-    "quick": Profile("quick", load_seconds=4, load_rounds=2, lag_seconds=6, lag_rounds=1,
+    "quick": Profile("quick", load_seconds=4, load_rounds=2, burst_seconds=2,
+                     burst_gap=2, burst_rounds=1, lag_seconds=6, lag_rounds=1,
                      lag_rates=[50, 0], sizes=[100 * MB], restore_reps=2,
                      segment_seconds=8, segment_rate=100, baseline_window=3,
                      idle_seconds=20, idle_burst_mb=20, idle_settle=5, template_rows=20_000),
-    "smoke": Profile("smoke", load_seconds=1, load_rounds=1, lag_seconds=2, lag_rounds=1,
+    "smoke": Profile("smoke", load_seconds=1, load_rounds=1, burst_seconds=1,
+                     burst_gap=0.3, burst_rounds=1, lag_seconds=2, lag_rounds=1,
                      lag_rates=[50], sizes=[4 * MB], restore_reps=1,
                      segment_seconds=1.5, segment_rate=50, baseline_window=1,
                      idle_seconds=3, idle_burst_mb=1, idle_settle=1, template_rows=2_000),
@@ -844,10 +850,13 @@ def db_digest(path: Path, check: str | None = "quick_check") -> tuple:
 
 def writer_argv(db: Path, stats: Path, seconds: float, kind: str = "small", rate: float = 0,
                 timeline: Path | None = None, rows: int = 8, seed: int = 1,
-                autocheckpoint: int = 1000, wal_pos: bool = False) -> list:
+                autocheckpoint: int = 1000, wal_pos: bool = False,
+                alt_db: Path | None = None, gap: float = 0) -> list:
     argv = [sys.executable, WRITER, "--db", db, "--seconds", seconds, "--kind", kind,
             "--rate", rate, "--rows", rows, "--seed", seed, "--stats", stats,
             "--autocheckpoint", autocheckpoint]
+    if alt_db:
+        argv += ["--alt-db", alt_db, "--slice", 1, "--gap", gap]
     if timeline:
         argv += ["--timeline", timeline]
         if wal_pos:
@@ -857,8 +866,9 @@ def writer_argv(db: Path, stats: Path, seconds: float, kind: str = "small", rate
 
 def run_writer(work: Path, tag: str, db: Path, seconds: float, **kw) -> dict:
     stats = work / f"{tag}.stats.json"
+    wall = seconds * 2 * (1 + kw.get("gap", 0)) if kw.get("alt_db") else seconds
     e, _ = run_timed(writer_argv(db, stats, seconds, **kw), log_path=work / f"{tag}.writer.log",
-                     timeout=seconds + 120)
+                     timeout=wall + 120)
     if e.rc != 0:
         raise RuntimeError(f"writer failed ({e.rc}); see {work / f'{tag}.writer.log'}")
     return json.loads(stats.read_text())
@@ -1002,8 +1012,8 @@ class Harness:
         self.env = Env(work, moto_exe)
         self.tools = [walship] + ([litestream] if litestream else [])
         self.backends = ["file"] + (["s3"] if moto_exe else [])
-        self.raw: dict[str, list] = {"load": [], "diag": [], "lag": [], "big": [], "restore": [],
-                                     "idle": []}
+        self.raw: dict[str, list] = {"load": [], "bursts": [], "diag": [], "lag": [], "big": [],
+                                     "restore": [], "idle": []}
         self.template = work / "template.db"
         make_template(self.template, prof.template_rows)
         self.seq = 0
@@ -1063,6 +1073,53 @@ class Harness:
                     # What a run left dirty in the page cache (a replica of a gigabyte or
                     # more) would otherwise be written back during the next run.
                     os.sync()
+        self.env.stop_s3()
+
+    # ---- 1b. bursts after idle spells ---------------------------------------------------
+
+    def section_bursts(self) -> None:
+        """Small transactions in bursts of 1 s with idle spells between them, the writer
+        alternating between two databases (A B B A ...): A is never replicated, B is
+        replicated by the configuration (or not, in the A/A control). The ratio B/A comes
+        from one run, so the machine's drift falls on both alike; the idle spells let
+        each burst find the replicator idle, as an app's bursts would."""
+        p = self.p
+        self.env.start_s3("bursts")
+        configs = [(None, None)] + [(t, b) for t in self.tools for b in self.backends]
+        for rnd in range(p.burst_rounds):
+            for tool, backend in rotate(configs, rnd):
+                name = f"{tool.name}/{backend}" if tool else AA_CONTROL
+                tag = self.tag("burst", name.replace("/", "-").replace(" ", "-"), rnd)
+                a, b = self.work / f"{tag}-a.db", self.work / f"{tag}-b.db"
+                copy_db(self.template, a)
+                copy_db(self.template, b)
+                proc = None
+                rec = {"config": name, "round": rnd}
+                if tool:
+                    rep = self.env.replica(backend, tag)
+                    proc, logp, rec["ready_s"] = self.start_replicator(tool, b, rep, tag)
+                    c0 = cpu_ticks(proc.pid)
+                st = run_writer(self.work, tag, a, p.burst_seconds, kind="small", alt_db=b,
+                                gap=p.burst_gap)
+                sa, sb = st["per_db"]
+                rec.update(ratio=sb["txn_per_s"] / sa["txn_per_s"] if sa["txn_per_s"] else None,
+                           a=sa, b=sb, errors=st["errors"],
+                           slices=[[w, n, round(t, 4)] for w, n, t in st["slices"]])
+                if proc:
+                    c1 = cpu_ticks(proc.pid)
+                    wall = time.time() - st["wall_start"]
+                    rec["replicator_cpu_pct"] = (100 * (c1 - c0) / wall
+                                                 if c0 is not None and c1 is not None else None)
+                    e = stop(proc)
+                    rec.update(exit=e.rc, maxrss_mib=mib(e), stop_s=e.stop_s)
+                log(f"bursts {name:16s} r{rnd}: A {sa['txn_per_s']:8.0f} B {sb['txn_per_s']:8.0f}"
+                    f" txn/s, ratio {rec['ratio']:.3f}")
+                self.raw["bursts"].append(rec)
+                remove_db(a)
+                remove_db(b)
+                if tool and rep.path is not None:
+                    shutil.rmtree(rep.path, ignore_errors=True)
+                os.sync()
         self.env.stop_s3()
 
     # ---- 2. replication lag -------------------------------------------------------------
@@ -1495,6 +1552,16 @@ def at_str(xs) -> str:
     return ", ".join(runs[:12]) + (" …" if len(runs) > 12 else "")
 
 
+def throughput_target(what: str, ratios: list, spread, aa_spread) -> tuple:
+    """The report's target row for a write-throughput ratio, with the A/A control's spread
+    (the machine's own noise) beside walship's."""
+    ok = median(ratios) is not None and median(ratios) >= 0.98 and \
+        (spread is None or spread <= 0.05)
+    return (f"write throughput ({what})", "≥ 0.98, spread ≤ 0.05",
+            f"{fmt(median(ratios), 3)} (spread {fmt(spread, 3)}; A/A control "
+            f"{fmt(aa_spread, 3)})", ok)
+
+
 def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
     raw = h.raw
     L = []
@@ -1558,16 +1625,48 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                          f"{rng_str([r.get('maxrss_mib') for r in rs], 0)} | "
                          f"{rng_str([r.get('stop_s') for r in rs], 2)} |")
                 if name.startswith("walship"):
-                    ok = median(ratios) is not None and median(ratios) >= 0.98 and \
-                        (spread is None or spread <= 0.05)
-                    floor = f"; A/A control {fmt(aa_spread, 3)}"
-                    targets.append((f"write throughput ({kind}, {name})",
-                                    "≥ 0.98, spread ≤ 0.05",
-                                    f"{fmt(median(ratios), 3)} (spread {fmt(spread, 3)}{floor})",
-                                    ok))
+                    targets.append(throughput_target(f"{kind}, {name}", ratios, spread,
+                                                     aa_spread))
                     ok = median(dp99) is not None and median(dp99) <= 1.0
                     targets.append((f"Δ p99 commit latency ({kind}, {name})", "≤ 1 ms",
                                     f"{fmt(median(dp99), 2)} ms", ok))
+        L.append("")
+    if raw.get("bursts"):
+        L.append("### Bursts\n")
+        L.append(f"The same writer, small transactions, in bursts of 1 s at max rate with "
+                 f"{h.p.burst_gap:g} s idle after each, alternating between two databases "
+                 "(A B B A ...), each written for "
+                 f"{h.p.burst_seconds:g} s in all: A is never replicated, B is replicated by the "
+                 "configuration (in the A/A control, neither is). The ratio is B's rate over A's "
+                 "in the same run, so the machine's drift falls on both alike; each burst finds "
+                 "the replicator idle, as an app's bursts after a quiet spell would. Replicator "
+                 "CPU is % of one core over the whole run, idle spells included.\n")
+        L.append("| config | ratio B/A | ratio spread | A txn/s | B txn/s | p99 ms A / B | "
+                 "max ms B | replicator CPU % | peak RSS MiB |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        names = []
+        for r in raw["bursts"]:
+            if r["config"] not in names:
+                names.append(r["config"])
+        names.sort(key=lambda n: (n != AA_CONTROL, n))
+        aa_spread = None
+        for name in names:
+            rs = [r for r in raw["bursts"] if r["config"] == name]
+            ratios = [r["ratio"] for r in rs if r.get("ratio") is not None]
+            spread = (max(ratios) - min(ratios)) if len(ratios) > 1 else None
+            if name == AA_CONTROL:
+                aa_spread = spread
+            L.append(f"| {name} | {rng_str(ratios, 3)} | {fmt(spread, 3)} | "
+                     f"{rng_str([r['a']['txn_per_s'] for r in rs], 0)} | "
+                     f"{rng_str([r['b']['txn_per_s'] for r in rs], 0)} | "
+                     f"{rng_str([r['a']['p99_ms'] for r in rs], 2)} / "
+                     f"{rng_str([r['b']['p99_ms'] for r in rs], 2)} | "
+                     f"{rng_str([r['b']['max_ms'] for r in rs], 0)} | "
+                     f"{rng_str([r.get('replicator_cpu_pct') for r in rs], 1)} | "
+                     f"{rng_str([r.get('maxrss_mib') for r in rs], 0)} |")
+            if name.startswith("walship"):
+                targets.append(throughput_target(f"bursts after idle, {name}", ratios, spread,
+                                                 aa_spread))
         L.append("")
 
     # 2. lag
@@ -1835,7 +1934,7 @@ def main() -> int:
     ap.add_argument("--rev", help="build walship from this git revision (e.g. HEAD) instead of "
                     "the work tree")
     ap.add_argument("--no-litestream", action="store_true")
-    ap.add_argument("--sections", help="comma-separated subset of load,diag,lag,big,idle,ops "
+    ap.add_argument("--sections", help="comma-separated subset of load,bursts,diag,lag,big,idle,ops "
                     "(default all; --smoke: all but diag)")
     ap.add_argument("--out", type=Path, help="results file (default benches/results/<date>.md)")
     ap.add_argument("--work", type=Path, help="scratch dir (default target/bench-work/<run>)")
@@ -1887,7 +1986,8 @@ def main() -> int:
     litestream = Litestream(litestream_bin, work) if litestream_bin else None
     h = Harness(args, prof, walship, litestream, work, moto_exe)
     t0 = time.time()
-    default = "load,lag,big,idle,ops" if args.smoke else "load,diag,lag,big,idle,ops"
+    default = "load,bursts,lag,big,idle,ops" if args.smoke else \
+        "load,bursts,diag,lag,big,idle,ops"
     sections = [s.strip() for s in (args.sections or default).split(",") if s.strip()]
     try:
         for s in sections:

@@ -17,6 +17,11 @@ transaction, BEGIN to COMMIT returned) and, with --timeline, a binary file of fl
 record has three more: the WAL's salt-1, salt-2 and last valid frame after the commit, read
 from the WAL index (`-shm`) SQLite just updated, so a driver can match each commit to the
 replica object that carries it.
+
+With --alt-db the writer alternates between two databases in slices of --slice seconds (A B B
+A A B ...), with --gap seconds of pause after each, small or large transactions at the max
+rate; --seconds is then each database's writing time, and the summary has one entry per
+database (`per_db`) and the transactions of each slice (`slices`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,99 @@ class WalIndex:
         return salt1, salt2, mx_frame
 
 
+def open_db(args, path: str):
+    con = sqlite3.connect(path, isolation_level=None, timeout=30)
+    mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        print(f"writer: journal_mode is {mode}, not wal", file=sys.stderr)
+        return None
+    con.execute(f"PRAGMA synchronous={args.synchronous}")
+    con.execute(f"PRAGMA wal_autocheckpoint={args.autocheckpoint}")
+    con.execute("PRAGMA busy_timeout=30000")
+    if args.kind in ("small", "large"):
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS bench(id INTEGER PRIMARY KEY, t REAL NOT NULL, body BLOB)"
+        )
+    return con
+
+
+def roll_back(con, e: Exception) -> None:
+    print(f"writer: {e}", file=sys.stderr)
+    try:
+        con.execute("ROLLBACK")
+    except sqlite3.OperationalError:
+        pass
+
+
+def summary(lat, elapsed: float) -> dict:
+    s = sorted(lat)
+    return {
+        "txns": len(lat),
+        "seconds": elapsed,
+        "txn_per_s": len(lat) / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": percentile(s, 0.50) * 1e3,
+        "p99_ms": percentile(s, 0.99) * 1e3,
+        "max_ms": (s[-1] * 1e3) if s else float("nan"),
+    }
+
+
+def alternate(args, a, b) -> int:
+    """Max-rate transactions on two databases in turn, --slice seconds each, in the order
+    A B B A A B B A ... (so that a drift of the machine's speed during the run falls on both
+    alike), with --gap seconds of pause after each slice. --seconds is the writing time of
+    each database."""
+    sql = SMALL_SQL if args.kind == "small" else LARGE_SQL
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    cons = (a, b)
+    lats = (array.array("d"), array.array("d"))
+    spent = [0.0, 0.0]
+    slices_done = []
+    errors = 0
+    wall_start = time.time()
+    slices = max(2, round(2 * args.seconds / args.slice))
+    slices += slices % 2
+    for i in range(slices):
+        if stop:
+            break
+        which = (0, 1, 1, 0)[i % 4]
+        con, lat = cons[which], lats[which]
+        n0 = len(lat)
+        t_start = time.perf_counter()
+        deadline = t_start + args.slice
+        while time.perf_counter() < deadline and not stop:
+            t0 = time.perf_counter()
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute(sql, (time.time(),))
+                con.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                errors += 1
+                roll_back(con, e)
+                continue
+            lat.append(time.perf_counter() - t0)
+        took = time.perf_counter() - t_start
+        spent[which] += took
+        slices_done.append((which, len(lat) - n0, took))
+        if args.gap:
+            time.sleep(args.gap)
+    a.close()
+    b.close()
+    stats = {
+        "kind": args.kind,
+        "rate": 0.0,
+        "errors": errors,
+        "wall_start": wall_start,
+        "slice_s": args.slice,
+        "gap_s": args.gap,
+        "per_db": [summary(lats[k], spent[k]) for k in (0, 1)],
+        "slices": slices_done,
+    }
+    with open(args.stats, "w") as f:
+        json.dump(stats, f)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--db", required=True)
@@ -78,22 +176,28 @@ def main() -> int:
                     help="add the WAL position after each commit to the timeline")
     ap.add_argument("--start-at", type=float, default=0.0,
                     help="wall-clock time to start at (lets the driver align windows)")
+    ap.add_argument("--alt-db",
+                    help="a second database: the writer alternates between the two in slices "
+                         "(A B B A A B ...), and the summary has one entry per database")
+    ap.add_argument("--slice", type=float, default=1.0, help="seconds per slice with --alt-db")
+    ap.add_argument("--gap", type=float, default=0.0,
+                    help="seconds of pause after each slice with --alt-db (counted in neither)")
     args = ap.parse_args()
 
-    con = sqlite3.connect(args.db, isolation_level=None, timeout=30)
-    mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode != "wal":
-        print(f"writer: journal_mode is {mode}, not wal", file=sys.stderr)
+    con = open_db(args, args.db)
+    if con is None:
         return 2
-    con.execute(f"PRAGMA synchronous={args.synchronous}")
-    con.execute(f"PRAGMA wal_autocheckpoint={args.autocheckpoint}")
-    con.execute("PRAGMA busy_timeout=30000")
-    if args.kind in ("small", "large"):
-        con.execute(
-            "CREATE TABLE IF NOT EXISTS bench(id INTEGER PRIMARY KEY, t REAL NOT NULL, body BLOB)"
-        )
-        max_big = 0
-    else:
+    if args.alt_db:
+        if args.kind not in ("small", "large") or args.rate or args.timeline:
+            print("writer: --alt-db is for small or large transactions at the max rate",
+                  file=sys.stderr)
+            return 2
+        alt = open_db(args, args.alt_db)
+        if alt is None:
+            return 2
+        return alternate(args, con, alt)
+    max_big = 0
+    if args.kind == "update":
         max_big = con.execute("SELECT max(id) FROM big").fetchone()[0] or 0
         if max_big == 0:
             print("writer: table big is empty", file=sys.stderr)
@@ -144,11 +248,7 @@ def main() -> int:
             con.execute("COMMIT")
         except sqlite3.OperationalError as e:
             errors += 1
-            print(f"writer: {e}", file=sys.stderr)
-            try:
-                con.execute("ROLLBACK")
-            except sqlite3.OperationalError:
-                pass
+            roll_back(con, e)
             n += 1
             continue
         t1 = time.perf_counter()
@@ -162,18 +262,12 @@ def main() -> int:
     elapsed = time.perf_counter() - t_start
     con.close()
 
-    s = sorted(lat)
     stats = {
         "kind": args.kind,
         "rate": args.rate,
-        "txns": len(lat),
         "errors": errors,
-        "seconds": elapsed,
         "wall_start": wall_start,
-        "txn_per_s": len(lat) / elapsed if elapsed > 0 else 0.0,
-        "p50_ms": percentile(s, 0.50) * 1e3,
-        "p99_ms": percentile(s, 0.99) * 1e3,
-        "max_ms": (s[-1] * 1e3) if s else float("nan"),
+        **summary(lat, elapsed),
     }
     with open(args.stats, "w") as f:
         json.dump(stats, f)

@@ -72,6 +72,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
         if not x["config"].startswith("none"):
             assert x["exit"] == 0 and x["maxrss_mib"] > 0, x
 
+    assert {x["config"] for x in raw["bursts"]} == configs | {"none again (A/A)"}
+    for x in raw["bursts"]:
+        assert x["a"]["txns"] > 0 and x["b"]["txns"] > 0 and x["errors"] == 0, x
+        assert sorted(w for w, _, _ in x["slices"]) == [0, 1], x
+        if not x["config"].startswith("none"):
+            assert x["exit"] == 0 and x["maxrss_mib"] > 0, x
+    assert "### Bursts" in report and "bursts after idle, walship/file" in report, report
+
     assert {x["config"] for x in raw["lag"]} == configs
     for x in raw["lag"]:
         assert x["commits"] > 0 and x["not_seen"] == 0 and x["exit"] == 0, x
