@@ -30,6 +30,7 @@ import argparse
 import atexit
 import ctypes
 import datetime as dt
+import filecmp
 import hashlib
 import json
 import os
@@ -369,10 +370,27 @@ def ensure_venv() -> None:
     os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
+def forget_workspace_build() -> None:
+    """Removes the release build of the workspace's own crates (not their dependencies)."""
+    crates = sorted(p.name for p in (ROOT / "crates").iterdir() if (p / "Cargo.toml").is_file())
+    argv = ["cargo", "clean", "--release"]
+    for c in crates:
+        argv += ["-p", c]
+    subprocess.check_call(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def build_release(rev: str | None) -> Path:
     """`cargo build --release -p walship` of the work tree, or of a git revision (exported
     with git archive into target/bench-src/, sharing target/ for the dependencies)."""
     if rev is None:
+        # A build of another revision (below) that ran after the work tree's last build
+        # left its binary in target/release/walship and its dep-info in the work tree's
+        # fingerprints (cargo keys them by the path within the workspace): cargo would find
+        # the work tree fresh and keep that binary. Then the workspace's crates go first.
+        exe = ROOT / "target" / "release" / "walship"
+        if exe.is_file() and any(filecmp.cmp(exe, b, shallow=False) for b in
+                                 (ROOT / "target" / "bench-src").glob("walship-*")):
+            forget_workspace_build()
         log("cargo build --release -p walship")
         r = subprocess.run(["cargo", "build", "--release", "-p", "walship"], cwd=ROOT)
         if r.returncode != 0:
@@ -392,13 +410,15 @@ def build_release(rev: str | None) -> Path:
         if archive.wait() != 0:
             raise SystemExit(f"git archive {sha} failed")
         tmp.rename(src)
-    # The shared target/ keeps the dependencies compiled once; the binary is copied out
-    # because the next build of the work tree replaces target/release/walship.
+    # The shared target/ keeps the dependencies compiled once; the binary is copied out,
+    # and the workspace's crates forgotten so that the work tree's next build makes its own
+    # (see above).
     log(f"cargo build --release -p walship at {sha}")
     subprocess.check_call(["cargo", "build", "--release", "-p", "walship", "--locked"],
                           cwd=src, env=dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target")))
     exe = ROOT / "target" / "bench-src" / f"walship-{sha}"
     shutil.copy2(ROOT / "target" / "release" / "walship", exe)
+    forget_workspace_build()
     return exe
 
 
