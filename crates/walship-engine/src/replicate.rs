@@ -545,7 +545,7 @@ struct Established {
     clean: bool,
     /// The bytes of every frame of `scan`, read under the write lock when the WAL was
     /// completely copied back (see [`establish`]).
-    body: Option<Arc<Vec<u8>>>,
+    body: Option<Vec<u8>>,
 }
 
 fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
@@ -602,7 +602,7 @@ fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
                 let mut b = Vec::with_capacity(len as usize);
                 walfile::copy_frames(&wal_path, h, &sc.frames, &mut b)
                     .map_err(|e| EngineError::io("read WAL", e))?;
-                body = Some(Arc::new(b));
+                body = Some(b);
             }
         }
         Ok(Established {
@@ -735,7 +735,7 @@ impl Replicator {
         // Frames of the generation being left behind are not shipped into the next.
         self.residue = None;
         let timeout = self.opts.lock_timeout;
-        let est = self.on_db(move |db| establish(db, timeout)).await?;
+        let mut est = self.on_db(move |db| establish(db, timeout)).await?;
         // The pin's bound is the WAL end read under the lock; a resumed tail ships the
         // frames before it with the next sync, and they must not count as past it.
         self.commits_past_pin = 0;
@@ -746,7 +746,7 @@ impl Replicator {
         match resumed {
             Some(tail) => {
                 tracing::info!(db = %self.span_db(), generation = %tail.generation, position = tail.position, clean = est.clean, wal_end = est.scan.as_ref().map_or(0, |s| s.end()), "resuming replica");
-                self.residue = unshipped_residue(&est, &tail);
+                self.residue = unshipped_residue(&mut est, &tail);
                 self.tail = tail;
                 // A snapshot is due only if segments were shipped after the newest one.
                 self.changed_since_snapshot = after_segments;
@@ -1791,11 +1791,12 @@ impl Replicator {
     }
 }
 
-/// The frames of a copied-back WAL (read into `est.body` under the lock) that a resumed
-/// `tail` has not shipped: they go first with the next sync, from memory, so that a restart
-/// of the WAL before then is still proven continuous by the clean pin at the WAL's end.
-fn unshipped_residue(est: &Established, tail: &Tail) -> Option<Residue> {
-    let (body, scan, hdr) = (est.body.as_ref()?, est.scan.as_ref()?, est.hdr?);
+/// The frames of a copied-back WAL (read into `est.body` under the lock, taken from there)
+/// that a resumed `tail` has not shipped: they go first with the next sync, from memory, so
+/// that a restart of the WAL before then is still proven continuous by the clean pin at the
+/// WAL's end.
+fn unshipped_residue(est: &mut Established, tail: &Tail) -> Option<Residue> {
+    let (mut body, scan, hdr) = (est.body.take()?, est.scan.as_ref()?, est.hdr?);
     let shipped = tail.frames() as usize;
     if shipped >= scan.frames.len() || scan.frames.first().map(|f| f.index) != Some(1) {
         return None;
@@ -1813,7 +1814,13 @@ fn unshipped_residue(est: &Established, tail: &Tail) -> Option<Residue> {
             header: None,
             verify: false,
         },
-        body: Arc::new(body.get(shipped * frame_size..)?.to_vec()),
+        body: Arc::new(
+            body.split_off(
+                shipped
+                    .checked_mul(frame_size)
+                    .filter(|&n| n <= body.len())?,
+            ),
+        ),
     })
 }
 
