@@ -484,6 +484,11 @@ const RESIDUE_LIMIT: u64 = crate::replica::IN_MEMORY_LIMIT;
 /// p99 to a checkpoint's cost), a larger one makes each longer.
 const PIN_STEP_FRAMES: u32 = 8192;
 
+/// How often the WAL index is read while waiting out `min_sync_gap` with the app's
+/// checkpoints its own (see `Replicator::wait_out_gap`): a few hundred frames at the fastest
+/// small-transaction rates.
+const SURGE_POLL: Duration = Duration::from_millis(5);
+
 /// Snapshots at least this large (a second or more of uploading) hold the checkpoint lock
 /// while they upload (see `Replicator::write_snapshot`).
 const LONG_SNAPSHOT_BYTES: u64 = 64 * 1024 * 1024;
@@ -1060,6 +1065,15 @@ impl Replicator {
                         }
                         continue;
                     }
+                    // A round's sync about to ship a heavy round's worth (the first of a
+                    // burst after a light spell): defer the app's checkpoints before the
+                    // upload rather than after it.
+                    if budget.is_some()
+                        && scan.frames.len() >= (self.opts.checkpoint_frames / 4).max(1) as usize
+                        && self.may_defer_early()
+                    {
+                        self.defer_early().await;
+                    }
                     let more = scan.more;
                     self.ship(scan).await?;
                     shipped = true;
@@ -1471,7 +1485,7 @@ impl Replicator {
             self.own_checkpoints_until = Some(Instant::now() + self.opts.sync_interval * 10);
             tracing::debug!(db = %self.span_db(), elapsed_ms, "copy back too slow; the app checkpoints for itself again");
             self.publish(|s| s.slow_copy_backs += 1);
-            self.hold_or_release_checkpoints().await?;
+            self.hold_or_release_checkpoints(false).await?;
         }
         Ok(())
     }
@@ -1624,9 +1638,9 @@ impl Replicator {
                     // checkpoint's worth) and right after a handoff, sync at once: the data is
                     // there, and waiting only lets lag and the WAL grow.
                     if since < self.opts.min_sync_gap && !self.heavy_round() && self.follow_up == 0 {
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(self.opts.min_sync_gap - since) => {}
+                        let until = tokio::time::Instant::now() + (self.opts.min_sync_gap - since);
+                        if self.wait_out_gap(until, &cancel).await {
+                            break;
                         }
                     }
                 }
@@ -1689,6 +1703,75 @@ impl Replicator {
         r.map(|_| ())
     }
 
+    /// Sleeps until `until` (true: cancelled first), looking at the WAL index every
+    /// [`SURGE_POLL`] while the app's checkpoints are its own: a burst after a light spell
+    /// has them deferred as soon as it has written a heavy round's worth, rather than at the
+    /// end of the next round. Until then, each of the app's commits past its autocheckpoint
+    /// threshold builds SQLite's checkpoint iterator over its whole WAL and gives up at the
+    /// pin (at tens of thousands of commits per second, that cost the app three quarters of
+    /// its speed for the rest of the gap).
+    async fn wait_out_gap(
+        &mut self,
+        until: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) -> bool {
+        loop {
+            let watch = self.may_defer_early();
+            if watch && self.writing_heavily() {
+                // The gap itself is still waited out: syncing at once measured worse (the
+                // app then shares the machine with back-to-back rounds from its first
+                // hundred milliseconds on).
+                self.defer_early().await;
+            }
+            let next = if watch {
+                until.min(tokio::time::Instant::now() + SURGE_POLL)
+            } else {
+                until
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return true,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            if next >= until {
+                return false;
+            }
+        }
+    }
+
+    /// Whether the app's checkpoints are its own now and could be deferred before the end
+    /// of the round (see `defer_early`).
+    fn may_defer_early(&self) -> bool {
+        self.opts.defer_app_checkpoints
+            && !self.status.borrow().app_checkpoints_deferred
+            && self
+                .own_checkpoints_until
+                .is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Defers the app's checkpoints now, because the app writes heavily (a round's worth is
+    /// waiting to be shipped), as the end of the round would: the rest of the round (reading,
+    /// uploading) takes tens of milliseconds at such rates.
+    async fn defer_early(&mut self) {
+        self.heavy_at = Some(Instant::now());
+        if let Err(e) = self.hold_or_release_checkpoints(true).await {
+            tracing::debug!(db = %self.span_db(), error = %e, "could not defer the app's checkpoints early");
+        }
+    }
+
+    /// Whether the app has published a heavy round's worth of frames (see `heavy_round`)
+    /// past the shipped end, read in place from the WAL index (false when it is busy).
+    fn writing_heavily(&self) -> bool {
+        let Some(ix) = self.db.try_lock().ok().and_then(|db| db.wal_index()) else {
+            return false;
+        };
+        let unshipped = if Some(ix.salts) == self.tail.salts() {
+            ix.max_frame.saturating_sub(self.tail.frames())
+        } else {
+            ix.max_frame
+        };
+        unshipped >= (self.opts.checkpoint_frames / 4).max(1)
+    }
+
     async fn round(&mut self, cmd: &Option<Command>) -> EngineResult<()> {
         if !self.db_still_there() {
             return Err(EngineError::MissingDatabase {
@@ -1702,7 +1785,10 @@ impl Replicator {
         let shipped = self.sync_within(budget).await;
         let after = self.status.borrow().frames_shipped;
         self.round_frames = u32::try_from(after.saturating_sub(before)).unwrap_or(u32::MAX);
-        if self.heavy_round() {
+        // A round that shipped little while the app wrote a heavy round's worth during its
+        // upload (the first round of a burst) counts as heavy too.
+        let surge = shipped.is_ok() && !self.heavy_round() && self.writing_heavily();
+        if self.heavy_round() || surge {
             self.heavy_at = Some(Instant::now());
         }
         self.rate_frames += u64::from(self.round_frames);
@@ -1713,7 +1799,7 @@ impl Replicator {
             self.rate_since = Instant::now();
         }
         let shipped = shipped?;
-        self.hold_or_release_checkpoints().await?;
+        self.hold_or_release_checkpoints(surge).await?;
         if self.app_checkpointing() {
             // The app's own checkpoint holds the write lock a handoff would wait for, and
             // waits for the pin: let it through instead.
@@ -1756,7 +1842,8 @@ impl Replicator {
     /// threshold between handoffs), and lets go of it once the app's write rate is light
     /// again (see [`light_load`]), when its checkpoints cost it little and may well be its
     /// own blocking ones.
-    async fn hold_or_release_checkpoints(&mut self) -> EngineResult<()> {
+    /// `surge`: the app is writing heavily now although the last round was not heavy.
+    async fn hold_or_release_checkpoints(&mut self, surge: bool) -> EngineResult<()> {
         if !self.opts.defer_app_checkpoints {
             return Ok(());
         }
@@ -1766,21 +1853,23 @@ impl Replicator {
         if !own {
             self.own_checkpoints_until = None;
         }
-        let heavy = self.heavy_round() && !own;
+        let heavy = (self.heavy_round() || surge) && !own;
         let light = (self.light_load() || own) && !heavy;
-        let (before, after) = self
+        let (before, after, locked) = self
             .on_db(move |db| {
                 let before = db.holds_checkpoints();
+                let mut locked = None;
                 if heavy {
-                    db.hold_checkpoints();
+                    locked = Some(db.hold_checkpoints());
                 } else if light {
                     db.release_checkpoints();
                 }
-                Ok((before, db.holds_checkpoints()))
+                Ok((before, db.holds_checkpoints(), locked))
             })
             .await?;
         if before != after {
-            tracing::debug!(db = %self.span_db(), held = after, "app checkpoints deferred to walship");
+            // `locked`: false when an app's checkpoint had the lock; taken again next round.
+            tracing::debug!(db = %self.span_db(), held = after, ?locked, "app checkpoints deferred to walship");
         }
         self.publish_deferred(after);
         Ok(())

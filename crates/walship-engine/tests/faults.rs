@@ -900,6 +900,124 @@ async fn a_burst_after_an_idle_spell_keeps_the_app_checkpoints_deferred_until_it
     assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
+/// How long after `t0` the replicator first reported deferring the app's checkpoints
+/// (`None`: not within `limit`).
+async fn deferred_within(
+    rx: &mut tokio::sync::watch::Receiver<walship_engine::Status>,
+    t0: std::time::Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    while !rx.borrow_and_update().app_checkpoints_deferred {
+        let left = limit.checked_sub(t0.elapsed())?;
+        let _ = tokio::time::timeout(left, rx.changed()).await;
+    }
+    Some(t0.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_in_the_sync_gap_defers_the_app_checkpoints_before_the_gap_runs_out() {
+    // The first commit of a burst ships at once; the rest wait out `min_sync_gap`, and at
+    // tens of thousands of commits per second the app's WAL passes its autocheckpoint
+    // threshold long before that. Its checkpoints must be deferred as soon as a heavy
+    // round's worth is waiting, not after the next round.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let opts = ReplicateOptions {
+        sync_interval: Duration::from_secs(5),
+        min_sync_gap: Duration::from_millis(1500),
+        ..fast_opts()
+    };
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    let mut rx = h.watch();
+    let app = Connection::open(&db).unwrap();
+    for burst in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        assert!(
+            !rx.borrow_and_update().app_checkpoints_deferred,
+            "burst {burst}"
+        );
+        // The burst's first commit, shipped at once by a light round.
+        let before = rx.borrow_and_update().frames_shipped;
+        insert(&app, 1);
+        while rx.borrow_and_update().frames_shipped == before {
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .expect("the first commit of a burst was not shipped within 5 s")
+                .unwrap();
+        }
+        assert!(
+            !rx.borrow_and_update().app_checkpoints_deferred,
+            "burst {burst}"
+        );
+        // The rest of the burst: four times a heavy round's worth (12 frames here).
+        let t0 = std::time::Instant::now();
+        insert(&app, 50);
+        let took = deferred_within(&mut rx, t0, Duration::from_millis(1200)).await;
+        // Without the early deferral it comes with the round after the gap (1.5 s).
+        assert!(
+            took.is_some_and(|t| t < Duration::from_millis(400)),
+            "burst {burst}: deferred after {took:?}"
+        );
+        // Released again once the load is light: the next burst starts from scratch.
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        h.sync().await.unwrap();
+    }
+    drop(app);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_defers_the_app_checkpoints_before_its_first_upload_finishes() {
+    // A burst that has written a heavy round's worth before walship's first look ships it
+    // in one round: its checkpoints are deferred before that round's upload, which takes
+    // long at such rates (here every store call takes 1.5 s), not after it.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let opts = ReplicateOptions {
+        lease: None,
+        ..fast_opts()
+    };
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    let mut rx = h.watch();
+    // A light spell: the checkpoints are the app's.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!rx.borrow_and_update().app_checkpoints_deferred);
+    s.plan.set_latency(Duration::from_millis(1500));
+    let app = Connection::open(&db).unwrap();
+    // Four times a heavy round's worth (12 frames here) in one transaction: all there at
+    // the first look.
+    let t0 = std::time::Instant::now();
+    {
+        let tx = app.unchecked_transaction().unwrap();
+        for _ in 0..50 {
+            tx.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let took = deferred_within(&mut rx, t0, Duration::from_millis(1400)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_millis(400)),
+        "deferred after {took:?} (the upload takes 1.5 s)"
+    );
+    s.plan.set_latency(Duration::ZERO);
+    h.sync().await.unwrap();
+    drop(app);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_commit_after_an_idle_spell_ships_without_waiting_out_the_gap() {
     // `min_sync_gap` spaces uploads; a round that uploaded nothing (the periodic one while
