@@ -3,7 +3,7 @@
 
 One command (see docs/benchmarks.md):
 
-    python3 benches/run.py            # full run (~25-30 min): 100 MB and 1 GiB, 10 idle minutes
+    python3 benches/run.py            # full run (~40 min): 100 MB and 1 GiB, 10 idle minutes
     python3 benches/run.py --quick    # ~6 min: 100 MB, 20 idle seconds
     python3 benches/run.py --smoke    # < 60 s, tiny, no Litestream: the harness's own test
 
@@ -12,11 +12,16 @@ for the peer), builds `cargo build --release -p walship` (unless --bin), and mea
 
   load      write-load impact: writer txn/s and commit latency, no replicator vs walship vs
             Litestream, file:// and loopback S3, small and large transactions
-  lag       commit -> restorable, at 50 txn/s and at the writer's max rate
+  bursts    the same writer in 1 s bursts after idle spells, against an unreplicated
+            database written alternately in the same run
+  diag      which part of a replicator costs the writer (a bare pin, a moving pin, a file
+            watcher, walship), and the cost of WAL-sized writes on this disk
+  lag       commit -> durable and commit -> restorable, at 50 txn/s and at max rate
   big       per database size: the initial snapshot's cost to the writer, many segments after
             it, restore time and MB/s from file:// and S3, peak RSS of replicate and restore,
             replica size
   idle      requests to storage and CPU of an idle replicator after a burst of writes
+  ops       the app's own TRUNCATE checkpoint while replicating; catching up after a restart
 
 Every figure is measured in the same run as what it is compared with; configurations
 alternate (the order rotates every round) and repeat; tables show medians and [min-max].
@@ -1102,7 +1107,8 @@ class Harness:
         alternating between two databases (A B B A ...): A is never replicated, B is
         replicated by the configuration (or not, in the A/A control). The ratio B/A comes
         from one run, so the machine's drift falls on both alike; the idle spells let
-        each burst find the replicator idle, as an app's bursts would."""
+        each burst find the replicator idle, as an app's bursts would. In odd rounds B is
+        written first (B A A B ...), so that an effect of the order cancels over rounds."""
         p = self.p
         self.env.start_s3("bursts")
         configs = [(None, None)] + [(t, b) for t in self.tools for b in self.backends]
@@ -1119,12 +1125,16 @@ class Harness:
                     rep = self.env.replica(backend, tag)
                     proc, logp, rec["ready_s"] = self.start_replicator(tool, b, rep, tag)
                     c0 = cpu_ticks(proc.pid)
-                st = run_writer(self.work, tag, a, p.burst_seconds, kind="small", alt_db=b,
-                                gap=p.burst_gap)
-                sa, sb = st["per_db"]
+                b_first = rnd % 2 == 1
+                first, second = (b, a) if b_first else (a, b)
+                st = run_writer(self.work, tag, first, p.burst_seconds, kind="small",
+                                alt_db=second, gap=p.burst_gap)
+                # The writer's slot 0 is the database it wrote first.
+                sa, sb = st["per_db"][::-1] if b_first else st["per_db"]
+                rec["b_first"] = b_first
                 rec.update(ratio=sb["txn_per_s"] / sa["txn_per_s"] if sa["txn_per_s"] else None,
                            a=sa, b=sb, errors=st["errors"],
-                           slices=[[w, n, round(t, 4)] for w, n, t in st["slices"]])
+                           slices=[[w ^ b_first, n, round(t, 4)] for w, n, t in st["slices"]])
                 if proc:
                     c1 = cpu_ticks(proc.pid)
                     wall = time.time() - st["wall_start"]
@@ -1655,7 +1665,8 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
         L.append("### Bursts\n")
         L.append(f"The same writer, small transactions, in bursts of 1 s at max rate with "
                  f"{h.p.burst_gap:g} s idle after each, alternating between two databases "
-                 "(A B B A ...), each written for "
+                 "(A B B A ..., and B A A B ... in odd rounds, so that an effect of the order "
+                 "cancels), each written for "
                  f"{h.p.burst_seconds:g} s in all: A is never replicated, B is replicated by the "
                  "configuration (in the A/A control, neither is). The ratio is B's rate over A's "
                  "in the same run, so the machine's drift falls on both alike; each burst finds "
