@@ -1134,7 +1134,12 @@ class Harness:
                 rec["b_first"] = b_first
                 rec.update(ratio=sb["txn_per_s"] / sa["txn_per_s"] if sa["txn_per_s"] else None,
                            a=sa, b=sb, errors=st["errors"],
-                           slices=[[w ^ b_first, n, round(t, 4)] for w, n, t in st["slices"]])
+                           slices=[[w ^ b_first, n, round(t, 4), h]
+                                   for w, n, t, h in st["slices"]])
+                # Transactions in the first 300 ms of B's slices over A's: the start of a
+                # burst, when the replicator has just woken up.
+                heads = [sum(sl[3] for sl in rec["slices"] if sl[0] == k) for k in (0, 1)]
+                rec["head_ratio"] = heads[1] / heads[0] if heads[0] else None
                 if proc:
                     c1 = cpu_ticks(proc.pid)
                     wall = time.time() - st["wall_start"]
@@ -1670,11 +1675,13 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                  f"{h.p.burst_seconds:g} s in all: A is never replicated, B is replicated by the "
                  "configuration (in the A/A control, neither is). The ratio is B's rate over A's "
                  "in the same run, so the machine's drift falls on both alike; each burst finds "
-                 "the replicator idle, as an app's bursts after a quiet spell would. Replicator "
-                 "CPU is % of one core over the whole run, idle spells included.\n")
-        L.append("| config | ratio B/A | ratio spread | A txn/s | B txn/s | p99 ms A / B | "
-                 "max ms B | replicator CPU % | peak RSS MiB |")
-        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                 "the replicator idle, as an app's bursts after a quiet spell would. \"first "
+                 "300 ms\" is the same ratio over the first 300 ms of each burst only, while "
+                 "the replicator wakes up. Replicator CPU is % of one core over the whole run, "
+                 "idle spells included.\n")
+        L.append("| config | ratio B/A | ratio spread | first 300 ms B/A | A txn/s | B txn/s | "
+                 "p99 ms A / B | max ms B | replicator CPU % | peak RSS MiB |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         names = []
         for r in raw["bursts"]:
             if r["config"] not in names:
@@ -1688,6 +1695,7 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
             if name == AA_CONTROL:
                 aa_spread = spread
             L.append(f"| {name} | {rng_str(ratios, 3)} | {fmt(spread, 3)} | "
+                     f"{rng_str([r.get('head_ratio') for r in rs], 3)} | "
                      f"{rng_str([r['a']['txn_per_s'] for r in rs], 0)} | "
                      f"{rng_str([r['b']['txn_per_s'] for r in rs], 0)} | "
                      f"{rng_str([r['a']['p99_ms'] for r in rs], 2)} / "

@@ -102,11 +102,17 @@ def summary(lat, elapsed: float) -> dict:
     }
 
 
+# The head of a slice: its first this many seconds, when a replicator woken from an idle
+# spell has not caught up yet.
+HEAD_S = 0.3
+
+
 def alternate(args, a, b) -> int:
     """Max-rate transactions on two databases in turn, --slice seconds each, in the order
     A B B A A B B A ... (so that a drift of the machine's speed during the run falls on both
     alike), with --gap seconds of pause after each slice. --seconds is the writing time of
-    each database."""
+    each database. Each slice records (database, transactions, seconds, transactions in its
+    first HEAD_S seconds)."""
     sql = SMALL_SQL if args.kind == "small" else LARGE_SQL
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -126,6 +132,8 @@ def alternate(args, a, b) -> int:
         n0 = len(lat)
         t_start = time.perf_counter()
         deadline = t_start + args.slice
+        head_end = t_start + min(HEAD_S, args.slice)
+        n_head = None
         while time.perf_counter() < deadline and not stop:
             t0 = time.perf_counter()
             try:
@@ -136,10 +144,14 @@ def alternate(args, a, b) -> int:
                 errors += 1
                 roll_back(con, e)
                 continue
-            lat.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            lat.append(t1 - t0)
+            if n_head is None and t1 >= head_end:
+                n_head = len(lat) - n0
         took = time.perf_counter() - t_start
         spent[which] += took
-        slices_done.append((which, len(lat) - n0, took))
+        slices_done.append((which, len(lat) - n0, took,
+                            len(lat) - n0 if n_head is None else n_head))
         if args.gap:
             time.sleep(args.gap)
     a.close()

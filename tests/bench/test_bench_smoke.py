@@ -75,10 +75,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {x["config"] for x in raw["bursts"]} == configs | {"none again (A/A)"}
     for x in raw["bursts"]:
         assert x["a"]["txns"] > 0 and x["b"]["txns"] > 0 and x["errors"] == 0, x
-        assert sorted(w for w, _, _ in x["slices"]) == [0, 1], x
+        assert sorted(w for w, *_ in x["slices"]) == [0, 1], x
+        assert all(0 < h <= n for _, n, _, h in x["slices"]), x
+        assert x["head_ratio"] > 0, x
         if not x["config"].startswith("none"):
             assert x["exit"] == 0 and x["maxrss_mib"] > 0, x
     assert "### Bursts" in report and "bursts after idle, walship/file" in report, report
+    assert "first 300 ms B/A" in report, report
 
     assert {x["config"] for x in raw["lag"]} == configs
     for x in raw["lag"]:
