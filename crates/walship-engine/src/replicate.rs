@@ -48,7 +48,12 @@ const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// a quarter of the checkpoint threshold: then a handoff needs neither the syncs that bring
 /// the pin near the end before the lock nor quick follow-up syncs after it.
 fn light_load(frames_per_sec: f64, min_sync_gap: Duration, checkpoint_frames: u32) -> bool {
-    frames_per_sec * min_sync_gap.as_secs_f64() < f64::from((checkpoint_frames / 4).max(1))
+    frames_per_sec * min_sync_gap.as_secs_f64() < f64::from(heavy_frames(checkpoint_frames))
+}
+
+/// A heavy round's worth of frames: a quarter of the checkpoint threshold.
+fn heavy_frames(checkpoint_frames: u32) -> u32 {
+    (checkpoint_frames / 4).max(1)
 }
 
 /// Frames per segment for this WAL (see [`SEGMENT_BYTES`]).
@@ -1069,7 +1074,7 @@ impl Replicator {
                     // burst after a light spell): defer the app's checkpoints before the
                     // upload rather than after it.
                     if budget.is_some()
-                        && scan.frames.len() >= (self.opts.checkpoint_frames / 4).max(1) as usize
+                        && scan.frames.len() >= heavy_frames(self.opts.checkpoint_frames) as usize
                         && self.may_defer_early()
                     {
                         self.defer_early().await;
@@ -1174,7 +1179,7 @@ impl Replicator {
     /// Whether the last round shipped a quarter of `checkpoint_frames` or more: a heavy
     /// write load.
     fn heavy_round(&self) -> bool {
-        self.round_frames >= (self.opts.checkpoint_frames / 4).max(1)
+        self.round_frames >= heavy_frames(self.opts.checkpoint_frames)
     }
 
     /// Bookkeeping after the pin moved: its mark is bounded once the WAL is read again, and
@@ -1769,7 +1774,7 @@ impl Replicator {
         } else {
             ix.max_frame
         };
-        unshipped >= (self.opts.checkpoint_frames / 4).max(1)
+        unshipped >= heavy_frames(self.opts.checkpoint_frames)
     }
 
     async fn round(&mut self, cmd: &Option<Command>) -> EngineResult<()> {
