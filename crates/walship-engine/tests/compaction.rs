@@ -332,7 +332,7 @@ async fn merges_span_wal_restarts_and_restore_checks_every_part_inside() {
     let db = rig.db.clone();
     for _ in 0..40 {
         rig.commit(20_000).await;
-        // Let a handoff (at most one per sync interval, 100 ms) restart the WAL in between.
+        // Let a handoff (at most four per sync interval of 100 ms) restart the WAL in between.
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
     wait_for("merges", &rig.h, |s| s.segments_merged >= 3).await;

@@ -846,6 +846,52 @@ async fn a_copy_back_slower_than_its_budget_hands_the_checkpoints_back_to_the_ap
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_heavy_load_the_wal_restarts_several_times_a_sync_interval() {
+    // Between two handoffs the pin keeps the WAL from restarting: the app writes into a
+    // region of the file as large as everything written since the last one, which costs
+    // each commit more the larger it is. Under a flat-out writer handoffs come several
+    // times per sync interval, not once.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let opts = ReplicateOptions {
+        sync_interval: Duration::from_secs(2),
+        ..fast_opts()
+    };
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    let before = h.status().checkpoints;
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let c = Connection::open(&db).unwrap();
+            // Only walship checkpoints (see `heavy_load_status`).
+            c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_millis(3000) {
+                insert(&c, 20);
+            }
+        })
+    };
+    while !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writer.join().unwrap();
+    let st = h.status();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    // Once per 2 s sync interval would be 2 at most in these 3 s.
+    assert!(
+        st.checkpoints - before >= 3,
+        "{} handoffs in 3 s of flat-out writes: {st:?}",
+        st.checkpoints - before
+    );
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_after_an_idle_spell_keeps_the_app_checkpoints_deferred_until_it_ends() {
     // The app's write rate is measured over windows of a second: at the start of a burst
     // after an idle spell it still reads light. Handing the checkpoints back to the app on

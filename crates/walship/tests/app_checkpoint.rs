@@ -184,7 +184,7 @@ fn heavy_load_probe(dir: &Path, extra: &[&str]) -> (f64, usize, Replicator, Stri
     let log = dir.join("replicator.log");
     create_db(&db);
     let url = file_url(&rdir);
-    // Handoffs (which restart the WAL) at most once per sync interval.
+    // Handoffs (which restart the WAL) at most four times per sync interval.
     let mut args = vec!["--sync-interval", "250ms"];
     args.extend_from_slice(extra);
     let rep = Replicator::start(&db, &url, &args, &log);
