@@ -793,20 +793,26 @@ async fn while_shipping_lags_far_behind_the_pin_follows_the_wal_end() {
     run.finish().await;
 }
 
-/// Runs a replicator beside an app writing small transactions flat out for 2.5 s, and
-/// returns its status after, and whether it ever reported deferring the app's checkpoints.
-async fn heavy_load_status(slow_copy_back: Duration) -> (walship_engine::Status, bool) {
+/// What a replicator reported while an app wrote small transactions flat out beside it.
+struct HeavyLoad {
+    /// Its status when the app began, and when it stopped.
+    before: walship_engine::Status,
+    after: walship_engine::Status,
+    /// Whether it ever reported deferring the app's checkpoints.
+    deferred: bool,
+}
+
+/// Runs a replicator with `opts` beside an app writing small transactions flat out for
+/// `secs`, then checks that the replica restores equal to the database.
+async fn heavy_load(opts: ReplicateOptions, secs: Duration) -> HeavyLoad {
     let dir = tempfile::tempdir().unwrap();
     let db = app_db(dir.path());
     let s = faulty_local(dir.path(), false);
-    let opts = ReplicateOptions {
-        slow_copy_back,
-        ..fast_opts()
-    };
     let cancel = CancellationToken::new();
     let (h, task) =
         walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
     h.sync().await.unwrap();
+    let before = h.status();
     let writer = {
         let db = db.clone();
         std::thread::spawn(move || {
@@ -815,7 +821,7 @@ async fn heavy_load_status(slow_copy_back: Duration) -> (walship_engine::Status,
             // other processes, which this in-process connection is not.
             c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
             let t0 = std::time::Instant::now();
-            while t0.elapsed() < Duration::from_millis(2500) {
+            while t0.elapsed() < secs {
                 insert(&c, 20);
             }
         })
@@ -826,11 +832,26 @@ async fn heavy_load_status(slow_copy_back: Duration) -> (walship_engine::Status,
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     writer.join().unwrap();
-    let st = h.status();
+    let after = h.status();
     cancel.cancel();
     task.await.unwrap().unwrap();
     assert_restores_equal(&s.plain, dir.path(), &db).await;
-    (st, deferred)
+    HeavyLoad {
+        before,
+        after,
+        deferred,
+    }
+}
+
+/// `heavy_load` for 2.5 s with `fast_opts` but for `slow_copy_back`: the status after, and
+/// whether the app's checkpoints were ever deferred.
+async fn heavy_load_status(slow_copy_back: Duration) -> (walship_engine::Status, bool) {
+    let opts = ReplicateOptions {
+        slow_copy_back,
+        ..fast_opts()
+    };
+    let r = heavy_load(opts, Duration::from_millis(2500)).await;
+    (r.after, r.deferred)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -851,44 +872,18 @@ async fn under_a_heavy_load_the_wal_restarts_several_times_a_sync_interval() {
     // region of the file as large as everything written since the last one, which costs
     // each commit more the larger it is. Under a flat-out writer handoffs come several
     // times per sync interval, not once.
-    let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
-    let s = faulty_local(dir.path(), false);
     let opts = ReplicateOptions {
         sync_interval: Duration::from_secs(2),
         ..fast_opts()
     };
-    let cancel = CancellationToken::new();
-    let (h, task) =
-        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
-    h.sync().await.unwrap();
-    let before = h.status().checkpoints;
-    let writer = {
-        let db = db.clone();
-        std::thread::spawn(move || {
-            let c = Connection::open(&db).unwrap();
-            // Only walship checkpoints (see `heavy_load_status`).
-            c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-            let t0 = std::time::Instant::now();
-            while t0.elapsed() < Duration::from_millis(3000) {
-                insert(&c, 20);
-            }
-        })
-    };
-    while !writer.is_finished() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    writer.join().unwrap();
-    let st = h.status();
-    cancel.cancel();
-    task.await.unwrap().unwrap();
+    let r = heavy_load(opts, Duration::from_millis(3000)).await;
+    let handoffs = r.after.checkpoints - r.before.checkpoints;
     // Once per 2 s sync interval would be 2 at most in these 3 s.
     assert!(
-        st.checkpoints - before >= 3,
-        "{} handoffs in 3 s of flat-out writes: {st:?}",
-        st.checkpoints - before
+        handoffs >= 3,
+        "{handoffs} handoffs in 3 s of flat-out writes: {:?}",
+        r.after
     );
-    assert_restores_equal(&s.plain, dir.path(), &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
