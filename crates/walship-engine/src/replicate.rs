@@ -44,9 +44,8 @@ const FOLLOW_UPS: u32 = 40;
 /// into a part of the file it last touched a handoff ago, out of the CPU's caches (frame
 /// writes round a 256 MiB region run at 0.66× the rate of a 4 MiB one). Each handoff makes
 /// the app wait for the write lock once (a checkpoint's two fsyncs): four a second bound the
-/// WAL to a quarter of a second of writes for a few such waits. (One a second measured
-/// 0.89–0.93× the app's unreplicated rate in bursts after idle spells, four 0.92–0.99×, ten
-/// 0.91× with its large transactions' p99 doubled.)
+/// WAL to a quarter of a second of writes for a few such waits. Same-run A/Bs of one, two,
+/// four and ten a second: docs/benchmarks.md, "Four handoffs per sync interval".
 const HANDOFFS_PER_INTERVAL: u32 = 4;
 /// The window over which the app's write rate is measured. A load reads light only once a
 /// whole window has passed without a heavy round: at the start of a burst the last window
