@@ -1265,6 +1265,9 @@ class Harness:
                 tag = self.tag("big", size, name.replace("/", "-"))
                 db = self.work / f"{tag}.db"
                 copy_db(base, db)
+                # The copy (and a database generated just before) would otherwise be written
+                # back while the snapshot reads it, and weigh on the writer's rate below.
+                os.sync()
                 rep = self.env.replica(backend, tag)
                 rec = {"size": label, "config": name}
                 # Snapshot cost: the writer runs at full speed; baseline window first, then the
