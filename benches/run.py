@@ -1057,48 +1057,71 @@ class Harness:
     # ---- 1. write-load impact -----------------------------------------------------------
 
     def section_load(self) -> None:
+        """Each configuration's run is bracketed by runs of the unreplicated writer (none C1
+        none C2 ... none), and its ratio is taken against the mean of the two runs beside it:
+        a drift of the machine over the minutes of a round falls on both sides alike. The A/A
+        control ("none again") is one of the bracketed configurations, so its spread is this
+        method's own floor. The order of the configurations rotates from round to round."""
         p = self.p
         self.env.start_s3("load")
-        # The unreplicated writer runs twice a round: the second run's ratio to the first
-        # (an A/A control) is what this machine's noise alone does to a ratio.
-        configs = [(None, None), (None, "again")] + [(t, b) for t in self.tools
-                                                      for b in self.backends]
+        configs = [(None, "again")] + [(t, b) for t in self.tools for b in self.backends]
         for kind in ("small", "large"):
             for rnd in range(p.load_rounds):
-                for tool, backend in rotate(configs, rnd):
-                    name = f"{tool.name}/{backend}" if tool else \
-                        ("none" if backend is None else AA_CONTROL)
-                    tag = self.tag("load", kind, name.replace("/", "-").replace(" ", "-"), rnd)
-                    db = self.work / f"{tag}.db"
-                    copy_db(self.template, db)
-                    proc = None
-                    rec = {"kind": kind, "config": name, "round": rnd}
-                    if tool:
-                        rep = self.env.replica(backend, tag)
-                        proc, logp, rec["ready_s"] = self.start_replicator(tool, db, rep, tag)
-                        c0 = cpu_ticks(proc.pid)
-                    st = run_writer(self.work, tag, db, p.load_seconds, kind=kind)
-                    rec.update(txn_per_s=st["txn_per_s"], p50_ms=st["p50_ms"],
-                               p99_ms=st["p99_ms"], max_ms=st["max_ms"], txns=st["txns"],
-                               errors=st["errors"])
-                    if proc:
-                        c1 = cpu_ticks(proc.pid)
-                        rec["replicator_cpu_pct"] = (100 * (c1 - c0) / st["seconds"]
-                                                     if c0 is not None and c1 is not None
-                                                     else None)
-                        e = stop(proc)
-                        rec.update(exit=e.rc, maxrss_mib=mib(e),
-                                   stop_s=e.stop_s, segments=tool.segments(logp))
-                    log(f"load {kind:5s} {name:16s} r{rnd}: {st['txn_per_s']:8.0f} txn/s "
-                        f"p50 {st['p50_ms']:.2f} ms p99 {st['p99_ms']:.2f} ms")
-                    self.raw["load"].append(rec)
-                    remove_db(db)
-                    if tool and rep.path is not None:
-                        shutil.rmtree(rep.path, ignore_errors=True)
-                    # What a run left dirty in the page cache (a replica of a gigabyte or
-                    # more) would otherwise be written back during the next run.
-                    os.sync()
+                pending = None  # the configuration's record still waiting for its after-run
+                prev_none = None
+                order = rotate(configs, rnd)
+                seq = []
+                for c in order:
+                    seq += [(None, None), c]
+                seq.append((None, None))
+                for tool, backend in seq:
+                    rec = self.load_run(kind, rnd, tool, backend)
+                    if rec["config"] == "none":
+                        if pending is not None and prev_none is not None:
+                            pending["base_txn_per_s"] = (prev_none["txn_per_s"]
+                                                         + rec["txn_per_s"]) / 2
+                            pending["base_p99_ms"] = (prev_none["p99_ms"] + rec["p99_ms"]) / 2
+                        pending = None
+                        prev_none = rec
+                    else:
+                        pending = rec
         self.env.stop_s3()
+
+    def load_run(self, kind: str, rnd: int, tool, backend) -> dict:
+        p = self.p
+        name = f"{tool.name}/{backend}" if tool else \
+            ("none" if backend is None else AA_CONTROL)
+        tag = self.tag("load", kind, name.replace("/", "-").replace(" ", "-"), rnd)
+        db = self.work / f"{tag}.db"
+        copy_db(self.template, db)
+        proc = None
+        rec = {"kind": kind, "config": name, "round": rnd}
+        if tool:
+            rep = self.env.replica(backend, tag)
+            proc, logp, rec["ready_s"] = self.start_replicator(tool, db, rep, tag)
+            c0 = cpu_ticks(proc.pid)
+        st = run_writer(self.work, tag, db, p.load_seconds, kind=kind)
+        rec.update(txn_per_s=st["txn_per_s"], p50_ms=st["p50_ms"],
+                   p99_ms=st["p99_ms"], max_ms=st["max_ms"], txns=st["txns"],
+                   errors=st["errors"])
+        if proc:
+            c1 = cpu_ticks(proc.pid)
+            rec["replicator_cpu_pct"] = (100 * (c1 - c0) / st["seconds"]
+                                         if c0 is not None and c1 is not None
+                                         else None)
+            e = stop(proc)
+            rec.update(exit=e.rc, maxrss_mib=mib(e),
+                       stop_s=e.stop_s, segments=tool.segments(logp))
+        log(f"load {kind:5s} {name:16s} r{rnd}: {st['txn_per_s']:8.0f} txn/s "
+            f"p50 {st['p50_ms']:.2f} ms p99 {st['p99_ms']:.2f} ms")
+        self.raw["load"].append(rec)
+        remove_db(db)
+        if tool and rep.path is not None:
+            shutil.rmtree(rep.path, ignore_errors=True)
+        # What a run left dirty in the page cache (a replica of a gigabyte or
+        # more) would otherwise be written back during the next run.
+        os.sync()
+        return rec
 
     # ---- 1b. bursts after idle spells ---------------------------------------------------
 
@@ -1628,15 +1651,27 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                  "\"exit after SIGTERM\" is the time the replicator took to ship its backlog and "
                  "exit when the writer stopped. After each run the replica directory is removed "
                  "and `sync` run, so that no run writes back what the one before left dirty.\n")
-        L.append(f"\"{AA_CONTROL}\" is the same unreplicated writer run a second time in "
-                 "each round: its ratio to the first is what the machine's own noise does to a "
-                 "ratio, and its spread is the floor under every other spread in the table.\n")
+        L.append("Every replicated run is bracketed by two runs of the unreplicated writer "
+                 "(none C1 none C2 ... none, the order of the configurations rotating from "
+                 "round to round), and its ratio is taken against the mean of the two beside "
+                 "it, so that a drift of the machine over a round falls on both sides alike. "
+                 f"\"{AA_CONTROL}\" is the unreplicated writer run as one of the bracketed "
+                 "configurations: its ratio is what the machine's own noise does to a ratio "
+                 "under this method, and its spread is the floor under every other spread in "
+                 "the table.\n")
         L.append("| txn | config | txn/s | ratio vs none | ratio spread | p50 ms | p99 ms | "
                  "Δp99 ms | max ms | replicator CPU % | peak RSS MiB | exit after SIGTERM s |")
         L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for kind in ("small", "large"):
-            base = {r["round"]: r for r in raw["load"] if r["kind"] == kind and
-                    r["config"] == "none"}
+            def base_of(r, key, kind=kind):
+                """The mean of the unreplicated runs beside this one (the bracket); in a
+                record without one, the round's first unreplicated run."""
+                b = r.get(f"base_{key}")
+                if b is not None:
+                    return b
+                first = next((x for x in raw["load"] if x["kind"] == kind and
+                              x["config"] == "none" and x["round"] == r["round"]), None)
+                return first[key] if first else None
             names = []
             for r in raw["load"]:
                 if r["kind"] == kind and r["config"] not in names:
@@ -1645,10 +1680,10 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
             aa_spread = None
             for name in names:
                 rs = [r for r in raw["load"] if r["kind"] == kind and r["config"] == name]
-                ratios = [r["txn_per_s"] / base[r["round"]]["txn_per_s"] for r in rs
-                          if r["round"] in base]
-                dp99 = [r["p99_ms"] - base[r["round"]]["p99_ms"] for r in rs
-                        if r["round"] in base]
+                ratios = [r["txn_per_s"] / base_of(r, "txn_per_s") for r in rs
+                          if base_of(r, "txn_per_s")]
+                dp99 = [r["p99_ms"] - base_of(r, "p99_ms") for r in rs
+                        if base_of(r, "p99_ms") is not None]
                 spread = (max(ratios) - min(ratios)) if len(ratios) > 1 else None
                 if name == AA_CONTROL:
                     aa_spread = spread
