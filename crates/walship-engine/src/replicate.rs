@@ -1437,14 +1437,17 @@ impl Replicator {
         // what is left for the locked part is what was committed during the last copy.
         self.checkpoint_to_pin().await?;
         // Under a light load what the locked part ships is a few transactions anyway, and
-        // each of these syncs would upload an object of its own.
-        for _ in 0..if self.light_load() { 0 } else { 3 } {
-            self.sync_within(Some(self.opts.sync_interval)).await?;
-            if self.pin_moved {
-                self.checkpoint_to_pin().await?;
+        // each of these syncs would upload an object of its own. The load is judged once,
+        // before these syncs: they take the app's write rate with them, and a handoff that
+        // copied back ahead as under a heavy load flushes as under one.
+        let heavy = !self.light_load();
+        if heavy {
+            for _ in 0..3 {
+                self.sync_within(Some(self.opts.sync_interval)).await?;
+                if self.pin_moved {
+                    self.checkpoint_to_pin().await?;
+                }
             }
-        }
-        if !self.light_load() {
             self.flush_before_lock().await?;
         }
         if self.app_checkpointing() {

@@ -179,6 +179,7 @@ fn status_json(d: &DbState, st: &Status, h: &DbHealth) -> Value {
         "app_checkpoints": st.app_checkpoints,
         "app_checkpoints_deferred": st.app_checkpoints_deferred,
         "slow_copy_backs": st.slow_copy_backs,
+        "flushes_before_handoff": st.flushes_before_handoff,
         "frames_shipped": st.frames_shipped,
         "wal_bytes": st.wal_bytes,
         "errors_by_kind": st.errors_by_kind,

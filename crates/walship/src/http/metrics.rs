@@ -264,6 +264,12 @@ impl Collector for StatusCollector {
         )?;
         self.counter(
             &mut enc,
+            "walship_flushes_before_handoff",
+            "Times a handoff under a heavy load flushed the WAL and database to disk before taking the write lock",
+            |r| r.st.flushes_before_handoff,
+        )?;
+        self.counter(
+            &mut enc,
             "walship_generation_changes",
             "Generations started (each begins with a full snapshot)",
             |r| r.st.generations_started,
