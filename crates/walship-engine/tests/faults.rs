@@ -902,6 +902,65 @@ async fn under_a_heavy_load_handoffs_flush_the_wal_before_taking_the_write_lock(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_with_more_left_to_ship_than_the_lock_may_wait_for_is_put_off_without_a_flush() {
+    // A store slower than the app: every handoff finds more unshipped than it may read
+    // under the write lock. It is put off before the flush (which would only make the
+    // app's own fsyncs queue behind it) and before the lock, and nothing is lost.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        fast_opts(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    s.plan.set_latency(Duration::from_millis(250));
+    let before = h.status();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let c = Connection::open(&db).unwrap();
+            c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // About 1 MB a transaction.
+                c.execute_batch(
+                    "BEGIN; INSERT INTO t(v) SELECT randomblob(4000) FROM \
+                     (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+                     WHERE i < 256) SELECT i FROM n); COMMIT;",
+                )
+                .unwrap();
+            }
+        })
+    };
+    // Until a handoff was tried and put off (the store ships a segment per upload, and
+    // each upload waits 250 ms: the app is always tens of megabytes ahead).
+    let t0 = std::time::Instant::now();
+    while h.status().handoffs_postponed == before.handoffs_postponed
+        && t0.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let after = h.status();
+    s.plan.set_latency(Duration::ZERO);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let postponed = after.handoffs_postponed - before.handoffs_postponed;
+    let flushes = after.flushes_before_handoff - before.flushes_before_handoff;
+    assert!(postponed >= 1, "no handoff was put off: {after:?}");
+    assert_eq!(
+        flushes, 0,
+        "{flushes} flushes for handoffs that could not take what was left: {after:?}"
+    );
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_after_an_idle_spell_keeps_the_app_checkpoints_deferred_until_it_ends() {
     // The app's write rate is measured over windows of a second: at the start of a burst
     // after an idle spell it still reads light. Handing the checkpoints back to the app on

@@ -68,6 +68,7 @@ fn probes_health_and_metrics() {
         "walship_app_checkpoints_deferred{db=\"app\"}",
         "walship_slow_copy_backs_total{db=\"app\"}",
         "walship_flushes_before_handoff_total{db=\"app\"}",
+        "walship_handoffs_postponed_total{db=\"app\"}",
         "walship_generation_changes_total{db=\"app\"}",
         "walship_health{db=\"app\"}",
     ] {

@@ -270,6 +270,12 @@ impl Collector for StatusCollector {
         )?;
         self.counter(
             &mut enc,
+            "walship_handoffs_postponed",
+            "Handoffs put off because the app had written more past the shipped end than the write lock may wait for",
+            |r| r.st.handoffs_postponed,
+        )?;
+        self.counter(
+            &mut enc,
             "walship_generation_changes",
             "Generations started (each begins with a full snapshot)",
             |r| r.st.generations_started,
