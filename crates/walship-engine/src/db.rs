@@ -196,21 +196,6 @@ impl Db {
         wal_path(&self.path)
     }
 
-    /// Starts writing the WAL's and the database file's dirty pages out to disk without
-    /// waiting for them (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on Linux; nothing
-    /// elsewhere). The kernel would otherwise leave them in memory until they are seconds
-    /// old or gigabytes large, and the app's next checkpoint would wait in its fsyncs for
-    /// all of them at once. No data changes, and a write error is still reported to the
-    /// app's own fsync (every open descriptor sees it).
-    pub fn start_writeback(&self) -> std::io::Result<()> {
-        match File::open(self.wal_path()) {
-            Ok(wal) => start_writeback(&wal)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        start_writeback(&self.file)
-    }
-
     /// True if the file at the path is still the one opened.
     pub fn still_same_file(&self) -> bool {
         FileId::of(&self.path) == Some(self.id)
@@ -623,25 +608,6 @@ fn shm_handle(path: &Path) -> Option<Arc<Shm>> {
     Some(shm)
 }
 
-/// Starts the writeback of every dirty page of `f`, without waiting for it.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn start_writeback(f: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain system call on a descriptor kept open by `f` for the whole call; an
-    // offset and a length of 0 mean the whole file.
-    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    if r == -1 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_: &File) -> std::io::Result<()> {
-    Ok(())
-}
-
 /// The process holding a lock that conflicts with an exclusive lock on `byte` of `f`, if
 /// any (`fcntl(F_GETLK)`; the caller's own locks never conflict).
 #[allow(unsafe_code)]
@@ -695,22 +661,6 @@ mod tests {
         c.pragma_update(None, "journal_mode", "wal").expect("wal");
         c.execute_batch("CREATE TABLE t(x)").expect("create");
         p
-    }
-
-    #[test]
-    fn starting_the_writeback_leaves_the_files_as_they_are_with_or_without_a_wal() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let p = wal_db(dir.path());
-        let app = Connection::open(&p).expect("open");
-        app.execute_batch("INSERT INTO t VALUES (randomblob(100000))")
-            .expect("insert");
-        let db = Db::open(&p, false).expect("db");
-        let wal = std::fs::read(db.wal_path()).expect("wal");
-        db.start_writeback().expect("writeback");
-        assert_eq!(std::fs::read(db.wal_path()).expect("wal"), wal);
-        drop(app);
-        std::fs::remove_file(db.wal_path()).expect("rm wal");
-        db.start_writeback().expect("writeback without a WAL");
     }
 
     #[test]

@@ -172,9 +172,6 @@ pub struct Status {
     /// Handoffs put off because the app had written more past the shipped end than the
     /// write lock may wait for (the store, or walship, is not keeping up with the app).
     pub handoffs_postponed: u64,
-    /// Times walship started writing the app's WAL and database file out to disk after
-    /// shipping a segment under a heavy load (see `Replicator::start_writeback`).
-    pub writebacks_started: u64,
     /// Snapshots written by this process.
     pub snapshots: u64,
     /// Bytes of the last snapshot uploaded.
@@ -1100,9 +1097,6 @@ impl Replicator {
                     let more = scan.more;
                     self.ship(scan).await?;
                     shipped = true;
-                    if !self.light_load() {
-                        self.start_writeback().await?;
-                    }
                     if !more {
                         break;
                     }
@@ -1505,24 +1499,6 @@ impl Replicator {
             self.pin_bound_pending = false;
         }
         self.handoff_at = (self.tail.epoch, self.tail.frames());
-        Ok(())
-    }
-
-    /// Under a heavy load, after each segment shipped: starts writing the WAL and the
-    /// database file out to disk (see [`Db::start_writeback`]). An app writing hundreds of
-    /// MB/s otherwise leaves them dirty in memory until a checkpoint's fsyncs, its own (it
-    /// waits in them) or walship's under the write lock (it waits for the lock); started
-    /// early, the writeback runs beside the app and those fsyncs find little left. Measured
-    /// with 256-row transactions at the writer's full speed to a directory: 1,009–1,055
-    /// commits/s against 862–876 without it and 830–859 unreplicated, same series.
-    async fn start_writeback(&mut self) -> EngineResult<()> {
-        match self.on_db(|db| Ok(db.start_writeback())).await? {
-            Ok(()) => self.publish(|s| s.writebacks_started += 1),
-            Err(e) => {
-                // Only a head start for the syncs to come: those report any error for real.
-                tracing::debug!(db = %self.span_db(), error = %e, "could not start the writeback");
-            }
-        }
         Ok(())
     }
 

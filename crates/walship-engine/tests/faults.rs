@@ -961,59 +961,6 @@ async fn a_handoff_with_more_left_to_ship_than_the_lock_may_wait_for_is_put_off_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shipping_starts_the_writeback_of_the_app_files_under_a_heavy_load_only() {
-    // An app writing flat out leaves its WAL and database dirty in memory until a
-    // checkpoint's fsyncs wait for all of it; under a heavy load walship starts their
-    // writeback after each segment it ships. Under a light load it leaves the kernel alone.
-    let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
-    let s = faulty_local(dir.path(), false);
-    let cancel = CancellationToken::new();
-    let (h, task) = walship_engine::replicate::spawn(
-        db.clone(),
-        s.replica.clone(),
-        fast_opts(),
-        cancel.clone(),
-    );
-    h.sync().await.unwrap();
-    // Idle for two rate windows, then a commit every 200 ms: light.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let app = Connection::open(&db).unwrap();
-    let before = h.status().writebacks_started;
-    for _ in 0..8 {
-        insert(&app, 1);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    h.sync().await.unwrap();
-    let light = h.status().writebacks_started - before;
-    assert_eq!(
-        light, 0,
-        "writeback started {light} times under a light load"
-    );
-    // Flat out for a second: heavy.
-    let writer = {
-        let db = db.clone();
-        std::thread::spawn(move || {
-            let c = Connection::open(&db).unwrap();
-            let t0 = std::time::Instant::now();
-            while t0.elapsed() < Duration::from_millis(1000) {
-                insert(&c, 20);
-            }
-        })
-    };
-    while !writer.is_finished() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    writer.join().unwrap();
-    let heavy = h.status().writebacks_started - before;
-    assert!(heavy >= 1, "no writeback started under a heavy load");
-    drop(app);
-    cancel.cancel();
-    task.await.unwrap().unwrap();
-    assert_restores_equal(&s.plain, dir.path(), &db).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_after_an_idle_spell_keeps_the_app_checkpoints_deferred_until_it_ends() {
     // The app's write rate is measured over windows of a second: at the start of a burst
     // after an idle spell it still reads light. Handing the checkpoints back to the app on

@@ -181,7 +181,6 @@ fn status_json(d: &DbState, st: &Status, h: &DbHealth) -> Value {
         "slow_copy_backs": st.slow_copy_backs,
         "flushes_before_handoff": st.flushes_before_handoff,
         "handoffs_postponed": st.handoffs_postponed,
-        "writebacks_started": st.writebacks_started,
         "frames_shipped": st.frames_shipped,
         "wal_bytes": st.wal_bytes,
         "errors_by_kind": st.errors_by_kind,

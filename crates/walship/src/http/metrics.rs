@@ -276,12 +276,6 @@ impl Collector for StatusCollector {
         )?;
         self.counter(
             &mut enc,
-            "walship_writebacks_started",
-            "Times the replicator started writing the app's WAL and database out to disk under a heavy load",
-            |r| r.st.writebacks_started,
-        )?;
-        self.counter(
-            &mut enc,
             "walship_generation_changes",
             "Generations started (each begins with a full snapshot)",
             |r| r.st.generations_started,
