@@ -156,7 +156,8 @@ pub struct Status {
     pub bytes_uploaded: u64,
     /// Generations started by this process.
     pub generations_started: u64,
-    /// Checkpoints run (all PASSIVE).
+    /// Checkpoints run by handoffs (all PASSIVE; not those that found the app's own
+    /// checkpoint running).
     pub checkpoints: u64,
     /// Blocking checkpoints of the app (FULL, RESTART, TRUNCATE) the pin was moved aside for.
     pub app_checkpoints: u64,
@@ -1684,7 +1685,10 @@ impl Replicator {
         self.follow_up = if self.light_load() { 0 } else { FOLLOW_UPS };
         let ckpt_ms = t1.elapsed().as_millis() as u64;
         tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, ship_ms, ckpt_ms, "checkpoint");
-        self.publish(|s| s.checkpoints += 1);
+        if !res.busy {
+            // Busy: the app's own checkpoint held the checkpoint lock; nothing was copied.
+            self.publish(|s| s.checkpoints += 1);
+        }
         Ok(Locked {
             residue,
             checkpointed: true,
