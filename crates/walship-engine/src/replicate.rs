@@ -1456,11 +1456,11 @@ impl Replicator {
             // may wait for, the handoff would be put off under the lock anyway, and the
             // flush would only have made the app's own checkpoints wait for it (its fsyncs
             // queue behind it: stalls of up to 0.9 s measured).
-            if self.too_much_unshipped().await? {
+            if self.too_much_unshipped() {
                 return Ok(());
             }
             self.flush_before_lock().await?;
-            if self.too_much_unshipped().await? {
+            if self.too_much_unshipped() {
                 return Ok(());
             }
         }
@@ -1506,25 +1506,19 @@ impl Replicator {
     /// Whether the app has published more past the shipped end than a handoff may read under
     /// the write lock ([`RESIDUE_LIMIT`]), from the WAL index (no lock, no read of the WAL).
     /// If so, the handoff is put off as it would be under the lock, and counted as tried.
-    async fn too_much_unshipped(&mut self) -> EngineResult<bool> {
-        let (Some(salts), Some(hdr)) = (self.tail.salts(), self.tail.hdr) else {
-            return Ok(false);
+    fn too_much_unshipped(&mut self) -> bool {
+        let (Some(hdr), Some((frames, true))) = (self.tail.hdr, self.unshipped_in_index()) else {
+            return false;
         };
-        let Some(ix) = self.on_db(|db| Ok(db.wal_index())).await? else {
-            return Ok(false);
-        };
-        if ix.salts != salts {
-            return Ok(false);
-        }
-        let bytes = u64::from(ix.max_frame.saturating_sub(self.tail.frames())) * hdr.frame_size();
+        let bytes = u64::from(frames) * hdr.frame_size();
         if bytes <= RESIDUE_LIMIT {
-            return Ok(false);
+            return false;
         }
         tracing::debug!(db = %self.span_db(), bytes, "handoff postponed: more left to ship than the lock may wait for");
         self.last_handoff = Instant::now();
         self.handoff_at = (self.tail.epoch, self.tail.frames());
         self.publish(|s| s.handoffs_postponed += 1);
-        Ok(true)
+        true
     }
 
     /// Writes the WAL and the database file out to disk before a handoff takes the write
@@ -1856,15 +1850,20 @@ impl Replicator {
     /// Whether the app has published a heavy round's worth of frames (see `heavy_round`)
     /// past the shipped end, read in place from the WAL index (false when it is busy).
     fn writing_heavily(&self) -> bool {
-        let Some(ix) = self.db.try_lock().ok().and_then(|db| db.wal_index()) else {
-            return false;
-        };
-        let unshipped = if Some(ix.salts) == self.tail.salts() {
-            ix.max_frame.saturating_sub(self.tail.frames())
+        self.unshipped_in_index()
+            .is_some_and(|(frames, _)| frames >= heavy_frames(self.opts.checkpoint_frames))
+    }
+
+    /// The frames the app has published past the shipped end, read in place from the WAL
+    /// index, and whether the index is of the shipped WAL's incarnation (if not, every frame
+    /// it shows counts). None when the index is busy or cannot be read.
+    fn unshipped_in_index(&self) -> Option<(u32, bool)> {
+        let ix = self.db.try_lock().ok().and_then(|db| db.wal_index())?;
+        Some(if Some(ix.salts) == self.tail.salts() {
+            (ix.max_frame.saturating_sub(self.tail.frames()), true)
         } else {
-            ix.max_frame
-        };
-        unshipped >= heavy_frames(self.opts.checkpoint_frames)
+            (ix.max_frame, false)
+        })
     }
 
     async fn round(&mut self, cmd: &Option<Command>) -> EngineResult<()> {
