@@ -181,6 +181,15 @@ impl Db {
         })
     }
 
+    /// A `Copier` for this database: a connection of its own.
+    pub fn copier(&self) -> EngineResult<Copier> {
+        Ok(Copier {
+            conn: open_conn(&self.path, Duration::from_secs(5))?,
+            shm: self.shm.clone(),
+            path: self.path.clone(),
+        })
+    }
+
     /// The database's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -206,7 +215,7 @@ impl Db {
         if self.pinned.is_some() {
             return Ok(());
         }
-        self.keeping_checkpoint_hold(|db| begin_read(&db.readers[0]))?;
+        self.keeping_checkpoint_hold_unless_copying(|db| begin_read(&db.readers[0]))?;
         self.pinned = Some(0);
         Ok(())
     }
@@ -220,7 +229,7 @@ impl Db {
             return self.pin();
         };
         let next = 1 - old;
-        self.keeping_checkpoint_hold(|db| begin_read(&db.readers[next]))?;
+        self.keeping_checkpoint_hold_unless_copying(|db| begin_read(&db.readers[next]))?;
         self.pinned = Some(next);
         self.readers[old]
             .execute_batch("ROLLBACK")
@@ -295,16 +304,7 @@ impl Db {
     fn checkpoint_now(&mut self, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
         let deadline = Instant::now() + Duration::from_millis(20);
         loop {
-            let r = self
-                .ckpt
-                .query_row(mode.sql(), [], |r| {
-                    Ok(CheckpointResult {
-                        busy: r.get::<_, i64>(0)? != 0,
-                        log: r.get(1)?,
-                        checkpointed: r.get(2)?,
-                    })
-                })
-                .map_err(|e| EngineError::sqlite("checkpoint", e))?;
+            let r = checkpoint_on(&self.ckpt, mode)?;
             // (1, -1, -1): the checkpoint lock was taken.
             if !(r.busy && r.log < 0) || Instant::now() >= deadline {
                 return Ok(r);
@@ -381,6 +381,26 @@ impl Db {
             return f(self);
         };
         let Ok(mut hold) = shm.hold.lock() else {
+            return f(self);
+        };
+        let r = f(self);
+        if hold.holders > 0 {
+            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
+        }
+        r
+    }
+
+    /// `keeping_checkpoint_hold` for a read transaction, which takes the checkpoint lock only
+    /// to recover a WAL index: while a `Copier` (or another `Db`) holds the hold state, the
+    /// read goes ahead without waiting for it (the pin moves in the middle of shipping,
+    /// which must not wait out a copy back). Nothing is lost: the lock is SQLite's own
+    /// during a copy, so no recovery can take and release it meanwhile, and whoever holds
+    /// the state takes the lock again when it ends.
+    fn keeping_checkpoint_hold_unless_copying<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let Some(shm) = self.shm.clone() else {
+            return f(self);
+        };
+        let Ok(mut hold) = shm.hold.try_lock() else {
             return f(self);
         };
         let r = f(self);
@@ -535,6 +555,55 @@ fn sibling(db: &Path, suffix: &str) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+/// A connection of its own that copies the WAL back (PASSIVE checkpoints) on a blocking
+/// thread beside the replicator's loop, so that a long copy back never holds up shipping
+/// (see docs/ARCHITECTURE.md, "Copying back beside the loop"). Like `Db`'s connections it
+/// never writes a transaction and never checkpoints on close.
+pub struct Copier {
+    conn: Connection,
+    shm: Option<Arc<Shm>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Copier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Copier").field("path", &self.path).finish()
+    }
+}
+
+impl Copier {
+    /// A PASSIVE checkpoint: copies the WAL back up to the oldest reader's mark (walship's
+    /// pin). The file's checkpoint-hold state is locked for the whole copy and the lock
+    /// taken again after it if held, as for `Db::checkpoint`. One try: a checkpoint of the
+    /// app's that holds the lock is doing the same work.
+    pub fn checkpoint(&mut self) -> EngineResult<CheckpointResult> {
+        let shm = self.shm.clone();
+        let hold = shm.as_ref().and_then(|s| s.hold.lock().ok());
+        let r = passive_checkpoint(&self.conn);
+        if let (Some(mut hold), Some(shm)) = (hold, shm.as_ref())
+            && hold.holders > 0
+        {
+            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
+        }
+        r
+    }
+}
+
+fn passive_checkpoint(conn: &Connection) -> EngineResult<CheckpointResult> {
+    checkpoint_on(conn, CheckpointMode::Passive)
+}
+
+fn checkpoint_on(conn: &Connection, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
+    conn.query_row(mode.sql(), [], |r| {
+        Ok(CheckpointResult {
+            busy: r.get::<_, i64>(0)? != 0,
+            log: r.get(1)?,
+            checkpointed: r.get(2)?,
+        })
+    })
+    .map_err(|e| EngineError::sqlite("checkpoint", e))
 }
 
 /// A database's `-shm` file as this process keeps it (see `shm_handle`).
@@ -755,6 +824,59 @@ mod tests {
         assert!(taken_elsewhere(&p, SHM_CKPT_LOCK + 2, 5));
         a.unpin().expect("unpin");
         assert!(!taken_elsewhere(&p, SHM_CKPT_LOCK + 2, 5));
+    }
+
+    #[test]
+    fn a_copier_copies_back_up_to_the_pin_and_the_checkpoint_hold_stays() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = wal_db(dir.path());
+        let app = Connection::open(&p).expect("app");
+        app.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("ac");
+        app.execute_batch("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);")
+            .expect("write");
+        let mut db = Db::open(&p, false).expect("open");
+        db.pin().expect("pin");
+        assert!(db.hold_checkpoints());
+        let mut copier = db.copier().expect("copier");
+        app.execute_batch("INSERT INTO t VALUES (3);")
+            .expect("write past the pin");
+        let r = copier.checkpoint().expect("copy");
+        assert!(
+            r.checkpointed > 0 && r.checkpointed < r.log,
+            "up to the pin only: {r:?}"
+        );
+        // SQLite released the byte as the copier's own when the copy ended; the hold took it
+        // again.
+        assert!(taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+        db.release_checkpoints();
+        assert!(!taken_elsewhere(&p, SHM_CKPT_LOCK, 1));
+    }
+
+    #[test]
+    fn the_pin_moves_without_waiting_for_a_copy_back_in_flight() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = wal_db(dir.path());
+        let app = Connection::open(&p).expect("app");
+        let mut db = Db::open(&p, false).expect("open");
+        db.pin().expect("pin");
+        app.execute_batch("INSERT INTO t VALUES (1);")
+            .expect("write");
+        // A copier's checkpoint locks the file's hold state for the whole of its copy (up to
+        // seconds under a heavy load); the loop moves the pin in the middle of shipping.
+        let shm = db.shm.clone().expect("shm");
+        let copying = shm.hold.lock().expect("hold state");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mover = std::thread::spawn(move || {
+            let r = db.advance_pin();
+            tx.send(r.is_ok()).expect("send");
+            db
+        });
+        let moved = rx.recv_timeout(Duration::from_secs(5));
+        drop(copying);
+        let db = mover.join().expect("join");
+        assert_eq!(moved, Ok(true), "the pin waited for the copy back");
+        assert!(db.is_pinned());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use walship_format::key::{self, GenerationId, ObjectKey};
@@ -22,7 +23,7 @@ use walship_format::wal::{Checksum, FrameChain, WalHeader};
 
 use crate::AbortOnDrop;
 use crate::compact::{CompactionOptions, Compactor, Piece, Shipped};
-use crate::db::{CheckpointMode, Db};
+use crate::db::{CheckpointMode, CheckpointResult, Copier, Db};
 use crate::error::{EngineError, EngineResult};
 use crate::lease::{Lease, LeaseOptions};
 use crate::overlay::Overlay;
@@ -104,11 +105,11 @@ pub struct ReplicateOptions {
     /// replicator's own process: the lock is the process's, so it neither stops their
     /// checkpoints nor can be released without dropping the lock one of them may hold.
     pub defer_app_checkpoints: bool,
-    /// While deferring, a copy back of walship's that takes longer than this means the app
-    /// writes new pages faster than walship copies them into the database (large
-    /// transactions of fresh pages, a slow disk): the app's checkpoints are its own again
-    /// for ten sync intervals, so that its WAL stays bounded and walship's copying does not
-    /// hold up its shipping. Default 250 ms.
+    /// A copy back of walship's that takes longer than this is counted as slow
+    /// ([`Status::slow_copy_backs`]): the app writes new pages faster than the disk takes
+    /// them into the database (large transactions of fresh pages, a slow disk). Copies run
+    /// beside the loop, so a slow one holds up neither shipping nor the app; it only
+    /// delays the next handoff, and with it the WAL's restart. Default 250 ms.
     pub slow_copy_back: Duration,
 }
 
@@ -164,8 +165,7 @@ pub struct Status {
     /// Whether walship holds the WAL's checkpoint lock, doing the app's checkpoints for it
     /// (see [`ReplicateOptions::defer_app_checkpoints`]).
     pub app_checkpoints_deferred: bool,
-    /// Times walship handed the checkpoints back to the app because its own copy back was
-    /// too slow (see [`ReplicateOptions::slow_copy_back`]).
+    /// Copies back that took longer than [`ReplicateOptions::slow_copy_back`].
     pub slow_copy_backs: u64,
     /// Handoffs under a heavy load that flushed the WAL and the database file to disk
     /// before taking the write lock (see `Replicator::flush_before_lock`).
@@ -450,8 +450,6 @@ struct Replicator {
     pin_moved: bool,
     /// Frames shipped by the last round: a measure of the write load.
     round_frames: u32,
-    /// Until then the app's checkpoints are not deferred: walship's copy back was too slow.
-    own_checkpoints_until: Option<Instant>,
     /// The app's write rate, frames per second over the last second or more of rounds
     /// (`rate_since`, `rate_frames`: the window being counted).
     frames_per_sec: f64,
@@ -476,6 +474,10 @@ struct Replicator {
     /// What a handoff read under the write lock and has not uploaded yet (its upload
     /// failed): shipped before anything else.
     residue: Option<Residue>,
+    /// The connection that copies the WAL back beside the loop (opened at its first copy),
+    /// and the copy in flight (see `copy_back_beside`).
+    copier: Option<Arc<Mutex<Copier>>>,
+    copy_task: Option<JoinHandle<EngineResult<(CheckpointResult, Duration)>>>,
 }
 
 /// What the locked part of a handoff did.
@@ -504,6 +506,12 @@ const RESIDUE_LIMIT: u64 = crate::replica::IN_MEMORY_LIMIT;
 /// of 1000 frames, one commit in fourteen of 256 KiB transactions, which lifts the app's
 /// p99 to a checkpoint's cost), a larger one makes each longer.
 const PIN_STEP_FRAMES: u32 = 8192;
+
+/// The most frames not yet copied back that a handoff copies in the loop before it takes the
+/// write lock (64 MiB of 4 KiB pages: a few hundred milliseconds on a disk the app keeps
+/// busy); with more, the copy goes on beside the loop and the handoff waits for a later
+/// round (see `Replicator::too_much_to_copy_back`).
+const COPY_BACK_LIMIT_FRAMES: u32 = 2 * PIN_STEP_FRAMES;
 
 /// How often the WAL index is read while waiting out `min_sync_gap` with the app's
 /// checkpoints its own (see `Replicator::wait_out_gap`): a few hundred frames at the fastest
@@ -720,13 +728,14 @@ impl Replicator {
             mark_bound: None,
             pin_moved: false,
             round_frames: 0,
-            own_checkpoints_until: None,
             frames_per_sec: 0.0,
             rate_since: Instant::now(),
             rate_frames: 0,
             heavy_at: None,
             follow_up: 0,
             last_upload: Instant::now(),
+            copier: None,
+            copy_task: None,
             dirty,
             pending_since: None,
             compactor,
@@ -909,6 +918,7 @@ impl Replicator {
             // The pin cannot move until the upload ends, and past its autocheckpoint
             // threshold every commit of the app would run a checkpoint that stops at it.
             // The next round lets go of the lock if the app writes little.
+            self.finish_copy().await?;
             let held = self.on_db(|db| Ok(db.hold_checkpoints())).await?;
             tracing::debug!(db = %self.span_db(), held, bytes = raw_len, "app checkpoints deferred for the snapshot");
             self.publish_deferred(true);
@@ -1293,6 +1303,9 @@ impl Replicator {
         if same {
             return Ok(());
         }
+        // The copier's connection is to the old file too.
+        self.finish_copy().await?;
+        self.copier = None;
         let p = self.db_path.clone();
         let enable = self.opts.enable_wal;
         let db = tokio::task::spawn_blocking(move || Db::open(&p, enable)).await??;
@@ -1435,6 +1448,12 @@ impl Replicator {
     /// left, release the pin, checkpoint, re-take the pin, release the lock. The pin then
     /// sits on the completely checkpointed WAL, so the app's next write restarts it.
     async fn handoff(&mut self) -> EngineResult<()> {
+        // A handoff needs everything copied back, and under a heavy load of fresh pages a
+        // copy back takes seconds. With more than the copies below would take without
+        // holding shipping up, copying goes on beside the loop and the handoff waits.
+        if self.too_much_to_copy_back() {
+            return self.copy_back_beside().await;
+        }
         // First copy back what can be copied without holding the app up: everything up to
         // the pin, which is behind the shipped end. The pin moves at most every other sync
         // (see `maybe_advance_pin`), so three syncs bring it twice near the WAL's end, and
@@ -1503,6 +1522,27 @@ impl Replicator {
         Ok(())
     }
 
+    /// Whether the WAL holds more frames not yet copied back than a handoff copies in the loop
+    /// ([`COPY_BACK_LIMIT_FRAMES`], from the WAL index); if so, the handoff is put off, and
+    /// counted as tried. (With less, a copy beside the loop still running is waited for.)
+    fn too_much_to_copy_back(&mut self) -> bool {
+        let uncopied = self
+            .db
+            .try_lock()
+            .ok()
+            .and_then(|db| db.wal_index())
+            .filter(|ix| Some(ix.salts) == self.tail.salts())
+            .map_or(0, |ix| ix.max_frame.saturating_sub(ix.backfilled));
+        if uncopied <= COPY_BACK_LIMIT_FRAMES {
+            return false;
+        }
+        tracing::debug!(db = %self.span_db(), uncopied, copying = self.copying(), "handoff postponed: copying back beside the loop");
+        self.last_handoff = Instant::now();
+        self.handoff_at = (self.tail.epoch, self.tail.frames());
+        self.publish(|s| s.handoffs_postponed += 1);
+        true
+    }
+
     /// Whether the app has published more past the shipped end than a handoff may read under
     /// the write lock ([`RESIDUE_LIMIT`]), from the WAL index (no lock, no read of the WAL).
     /// If so, the handoff is put off as it would be under the lock, and counted as tried.
@@ -1551,27 +1591,76 @@ impl Replicator {
         Ok(())
     }
 
-    /// A PASSIVE checkpoint while pinned: copies the WAL back up to the pin, in walship's
-    /// process rather than in one of the app's commits (the app's own autocheckpoints then
-    /// find nothing to do up to the pin).
+    /// A PASSIVE checkpoint while pinned, in the loop: copies the WAL back up to the pin, in
+    /// walship's process rather than in one of the app's commits (the app's own
+    /// autocheckpoints then find nothing to do up to the pin). A handoff's copies run here,
+    /// after any copy beside the loop ended; between handoffs they run beside it
+    /// (`copy_back_beside`).
     async fn checkpoint_to_pin(&mut self) -> EngineResult<()> {
+        self.finish_copy().await?;
         self.pin_moved = false;
         let t0 = Instant::now();
         let res = self
             .on_db(|db| db.checkpoint(CheckpointMode::Passive))
             .await?;
-        let elapsed = t0.elapsed();
+        self.copied_back(res, t0.elapsed(), "checkpoint up to the pin");
+        Ok(())
+    }
+
+    /// Bookkeeping after a copy back: logged, and counted when slower than
+    /// `slow_copy_back` (the disk is not keeping up with the app's writes).
+    fn copied_back(&mut self, res: CheckpointResult, elapsed: Duration, what: &'static str) {
         let elapsed_ms = elapsed.as_millis() as u64;
-        tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, elapsed_ms, "checkpoint up to the pin");
-        if elapsed > self.opts.slow_copy_back && self.status.borrow().app_checkpoints_deferred {
-            // The app writes fresh pages faster than walship copies them back. Deferring
-            // would only let its WAL grow (a handoff needs everything copied back) while
-            // these copies hold up shipping: its own checkpoints pace it, as without walship.
-            self.own_checkpoints_until = Some(Instant::now() + self.opts.sync_interval * 10);
-            tracing::debug!(db = %self.span_db(), elapsed_ms, "copy back too slow; the app checkpoints for itself again");
+        tracing::debug!(db = %self.span_db(), busy = res.busy, log = res.log, checkpointed = res.checkpointed, elapsed_ms, "{what}");
+        if elapsed > self.opts.slow_copy_back {
             self.publish(|s| s.slow_copy_backs += 1);
-            self.hold_or_release_checkpoints(false).await?;
         }
+    }
+
+    /// Whether a copy back beside the loop is still running.
+    fn copying(&self) -> bool {
+        self.copy_task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Waits for the copy back beside the loop, if one was started, and takes its result.
+    async fn finish_copy(&mut self) -> EngineResult<()> {
+        let Some(task) = self.copy_task.take() else {
+            return Ok(());
+        };
+        let (res, elapsed) = task.await??;
+        self.copied_back(res, elapsed, "copied back beside the loop");
+        Ok(())
+    }
+
+    /// Starts a copy back up to the pin on a blocking thread of its own (a `Copier`, with a
+    /// connection of its own), unless one is still running, and returns at once. An app
+    /// writing fresh pages at hundreds of MB/s makes each copy back take seconds (the
+    /// database's fsync on a disk that also takes the app's WAL); run in the loop, they held
+    /// shipping up for as long. Beside it, the loop goes on shipping and moving the pin, and
+    /// the copy is just one more checkpointer, as an app's own would be: nothing in the pin
+    /// protocol depends on who copies back.
+    async fn copy_back_beside(&mut self) -> EngineResult<()> {
+        if self.copying() {
+            return Ok(());
+        }
+        self.finish_copy().await?;
+        let copier = match &self.copier {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(Mutex::new(self.on_db(|db| db.copier()).await?));
+                self.copier = Some(c.clone());
+                c
+            }
+        };
+        self.pin_moved = false;
+        self.copy_task = Some(tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let res = copier
+                .lock()
+                .map_err(|_| EngineError::Task("copier lock poisoned".into()))?
+                .checkpoint()?;
+            Ok((res, t0.elapsed()))
+        }));
         Ok(())
     }
 
@@ -1771,6 +1860,10 @@ impl Replicator {
                 return Err(EngineError::LeaseLost { replica, holder });
             }
         }
+        // A copy beside the loop ends before the database's connections close.
+        if let Err(e) = self.finish_copy().await {
+            tracing::debug!(db = %self.span_db(), error = %e, "copy back beside the loop failed");
+        }
         // Final sync: everything committed before the stop is shipped.
         let t0 = Instant::now();
         let r = self.sync_once().await;
@@ -1830,11 +1923,7 @@ impl Replicator {
     /// Whether the app's checkpoints are its own now and could be deferred before the end
     /// of the round (see `defer_early`).
     fn may_defer_early(&self) -> bool {
-        self.opts.defer_app_checkpoints
-            && !self.status.borrow().app_checkpoints_deferred
-            && self
-                .own_checkpoints_until
-                .is_none_or(|t| Instant::now() >= t)
+        self.opts.defer_app_checkpoints && !self.status.borrow().app_checkpoints_deferred
     }
 
     /// Defers the app's checkpoints now, because the app writes heavily (a round's worth is
@@ -1912,8 +2001,8 @@ impl Replicator {
             self.handoff().await?;
         } else if self.pin_moved && self.tail.frames() >= self.opts.checkpoint_frames {
             // Between handoffs the WAL grows past the app's autocheckpoint threshold; keep
-            // the copying back in walship's process.
-            self.checkpoint_to_pin().await?;
+            // the copying back in walship's process, beside the loop.
+            self.copy_back_beside().await?;
         }
         // A scheduled snapshot goes with the first sync after the interval that ships new
         // frames: an idle database costs no request, and a restore replays at most one
@@ -1938,17 +2027,13 @@ impl Replicator {
     /// own blocking ones.
     /// `surge`: the app is writing heavily now although the last round was not heavy.
     async fn hold_or_release_checkpoints(&mut self, surge: bool) -> EngineResult<()> {
-        if !self.opts.defer_app_checkpoints {
+        if !self.opts.defer_app_checkpoints || self.copying() {
+            // A copy beside the loop holds the file's hold state (and SQLite the lock) until
+            // it ends; the next round decides.
             return Ok(());
         }
-        let own = self
-            .own_checkpoints_until
-            .is_some_and(|t| Instant::now() < t);
-        if !own {
-            self.own_checkpoints_until = None;
-        }
-        let heavy = (self.heavy_round() || surge) && !own;
-        let light = (self.light_load() || own) && !heavy;
+        let heavy = self.heavy_round() || surge;
+        let light = self.light_load() && !heavy;
         let (before, after, locked) = self
             .on_db(move |db| {
                 let before = db.holds_checkpoints();

@@ -259,7 +259,7 @@ impl Collector for StatusCollector {
         self.counter(
             &mut enc,
             "walship_slow_copy_backs",
-            "Times the replicator's copy back was too slow and the app checkpointed for itself again",
+            "Copies of the WAL back into the database that took longer than slow_copy_back (the disk is not keeping up with the app)",
             |r| r.st.slow_copy_backs,
         )?;
         self.counter(
