@@ -111,6 +111,13 @@ pub struct ReplicateOptions {
     /// beside the loop, so a slow one holds up neither shipping nor the app; it only
     /// delays the next handoff, and with it the WAL's restart. Default 250 ms.
     pub slow_copy_back: Duration,
+    /// The most the WAL may hold (its frames since the last restart, in bytes) before a
+    /// handoff stops waiting for shipping and copying to catch up. Past it, the next handoff
+    /// takes the write lock and, under it, ships and copies back everything left and
+    /// restarts the WAL — holding the app's writes for as long as that takes (seconds under
+    /// a load the disk cannot keep up with: the app needs a busy timeout longer than that).
+    /// `None` (the default): no limit; under such a load the WAL grows until it drops.
+    pub max_wal_bytes: Option<u64>,
 }
 
 impl Default for ReplicateOptions {
@@ -127,6 +134,7 @@ impl Default for ReplicateOptions {
             compaction: CompactionOptions::default(),
             defer_app_checkpoints: true,
             slow_copy_back: Duration::from_millis(250),
+            max_wal_bytes: None,
         }
     }
 }
@@ -173,6 +181,9 @@ pub struct Status {
     /// Handoffs put off because the app had written more past the shipped end than the
     /// write lock may wait for (the store, or walship, is not keeping up with the app).
     pub handoffs_postponed: u64,
+    /// Handoffs that held the app's writes to ship and copy back everything left, because
+    /// the WAL had grown past [`ReplicateOptions::max_wal_bytes`].
+    pub handoffs_forced: u64,
     /// Snapshots written by this process.
     pub snapshots: u64,
     /// Bytes of the last snapshot uploaded.
@@ -1448,10 +1459,13 @@ impl Replicator {
     /// left, release the pin, checkpoint, re-take the pin, release the lock. The pin then
     /// sits on the completely checkpointed WAL, so the app's next write restarts it.
     async fn handoff(&mut self) -> EngineResult<()> {
+        // Past the WAL's size limit the handoff waits for nothing: whatever is left to ship
+        // and to copy is done under the write lock.
+        let forced = self.wal_over_limit();
         // A handoff needs everything copied back, and under a heavy load of fresh pages a
         // copy back takes seconds. With more than the copies below would take without
         // holding shipping up, copying goes on beside the loop and the handoff waits.
-        if self.too_much_to_copy_back() {
+        if !forced && self.too_much_to_copy_back() {
             return self.copy_back_beside().await;
         }
         // First copy back what can be copied without holding the app up: everything up to
@@ -1475,11 +1489,11 @@ impl Replicator {
             // may wait for, the handoff would be put off under the lock anyway, and the
             // flush would only have made the app's own checkpoints wait for it (its fsyncs
             // queue behind it: stalls of up to 0.9 s measured).
-            if self.too_much_unshipped() {
+            if !forced && self.too_much_unshipped() {
                 return Ok(());
             }
             self.flush_before_lock().await?;
-            if self.too_much_unshipped() {
+            if !forced && self.too_much_unshipped() {
                 return Ok(());
             }
         }
@@ -1497,7 +1511,7 @@ impl Replicator {
             return Ok(());
         }
         let t0 = Instant::now();
-        let r = self.handoff_locked().await;
+        let r = self.handoff_locked(forced).await;
         self.on_db(Db::unlock).await?;
         let held_ms = t0.elapsed().as_millis() as u64;
         tracing::debug!(db = %self.span_db(), held_ms, "write lock released");
@@ -1520,6 +1534,21 @@ impl Replicator {
         }
         self.handoff_at = (self.tail.epoch, self.tail.frames());
         Ok(())
+    }
+
+    /// Whether the WAL holds more than [`ReplicateOptions::max_wal_bytes`] (its published
+    /// frames since the last restart, from the WAL index).
+    fn wal_over_limit(&self) -> bool {
+        let (Some(max), Some(hdr)) = (self.opts.max_wal_bytes, self.tail.hdr) else {
+            return false;
+        };
+        let frames = self
+            .db
+            .try_lock()
+            .ok()
+            .and_then(|db| db.wal_index())
+            .map_or(0, |ix| ix.max_frame);
+        u64::from(frames) * hdr.frame_size() > max
     }
 
     /// Whether the WAL holds more frames not yet copied back than a handoff copies in the loop
@@ -1670,7 +1699,7 @@ impl Replicator {
     /// to the store the app would wait for). More than [`RESIDUE_LIMIT`] left means the
     /// store is not keeping up: the handoff is given up for now rather than make the app
     /// wait. A WAL that did anything but grow is synced under the lock as anywhere.
-    async fn handoff_locked(&mut self) -> EngineResult<Locked> {
+    async fn handoff_locked(&mut self, forced: bool) -> EngineResult<Locked> {
         let generation = self.tail.generation;
         let t0 = Instant::now();
         let mut residue = None;
@@ -1681,7 +1710,12 @@ impl Replicator {
                     return Err(EngineError::Task("frames without a WAL header".into()));
                 };
                 let len = scan.frames.len() as u64 * hdr.frame_size();
-                if scan.more || len > RESIDUE_LIMIT {
+                if forced && (scan.more || len > RESIDUE_LIMIT) {
+                    // Past the size limit: ship it all now, the app waiting.
+                    tracing::info!(db = %self.span_db(), bytes = len, "WAL over its size limit; shipping the rest under the write lock");
+                    self.publish(|s| s.handoffs_forced += 1);
+                    self.sync_once().await?;
+                } else if scan.more || len > RESIDUE_LIMIT {
                     // The store is not keeping up with the app. Uploading this much here
                     // would hold the app up for as long; let it go and hand off later.
                     tracing::debug!(db = %self.span_db(), bytes = len, "handoff postponed: more left to ship than the lock may wait for");
@@ -1690,21 +1724,22 @@ impl Replicator {
                         residue: None,
                         checkpointed: false,
                     });
+                } else {
+                    let (wal_path, frames) = (self.wal_path.clone(), scan.frames.clone());
+                    let body = self
+                        .on_db(move |_| {
+                            let mut body = Vec::with_capacity(len as usize);
+                            walfile::copy_frames(&wal_path, &hdr, &frames, &mut body)
+                                .map_err(|e| EngineError::io("read WAL", e))?;
+                            Ok(body)
+                        })
+                        .await?;
+                    residue = Some(Residue {
+                        generation,
+                        scan,
+                        body: Arc::new(body),
+                    });
                 }
-                let (wal_path, frames) = (self.wal_path.clone(), scan.frames.clone());
-                let body = self
-                    .on_db(move |_| {
-                        let mut body = Vec::with_capacity(len as usize);
-                        walfile::copy_frames(&wal_path, &hdr, &frames, &mut body)
-                            .map_err(|e| EngineError::io("read WAL", e))?;
-                        Ok(body)
-                    })
-                    .await?;
-                residue = Some(Residue {
-                    generation,
-                    scan,
-                    body: Arc::new(body),
-                });
             }
             _ => {
                 self.sync_once().await?;

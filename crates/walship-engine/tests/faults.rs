@@ -967,6 +967,61 @@ async fn a_handoff_with_more_left_to_ship_than_the_lock_may_wait_for_is_put_off_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_size_limit_the_wal_restarts_even_when_shipping_cannot_keep_up() {
+    // Behind a store slower than the app (every request 250 ms: the app is always tens of
+    // megabytes ahead) every ordinary handoff is put off and the WAL grows by all the app
+    // writes (no restart at all without the limit). Past the limit a handoff ships and
+    // copies back everything under the write lock, the app waiting, and the WAL restarts.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let opts = ReplicateOptions {
+        max_wal_bytes: Some(8 << 20),
+        ..fast_opts()
+    };
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    s.plan.set_latency(Duration::from_millis(250));
+    let before = h.status();
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let c = Connection::open(&db).unwrap();
+            // The forced handoff holds the write lock for as long as the store takes.
+            c.busy_timeout(Duration::from_secs(30)).unwrap();
+            c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_secs(4) {
+                c.execute_batch(
+                    "BEGIN; INSERT INTO t(v) SELECT randomblob(4000) FROM \
+                     (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+                     WHERE i < 256) SELECT i FROM n); COMMIT;",
+                )
+                .unwrap();
+            }
+        })
+    };
+    while !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writer.join().unwrap();
+    let after = h.status();
+    s.plan.set_latency(Duration::ZERO);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let forced = after.handoffs_forced - before.handoffs_forced;
+    let restarts = after.checkpoints - before.checkpoints;
+    assert!(forced >= 1, "no forced handoff: {after:?}");
+    assert!(
+        restarts >= 1,
+        "the WAL never restarted while the app wrote: {after:?}"
+    );
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_after_an_idle_spell_keeps_the_app_checkpoints_deferred_until_it_ends() {
     // The app's write rate is measured over windows of a second: at the start of a burst
     // after an idle spell it still reads light. Handing the checkpoints back to the app on

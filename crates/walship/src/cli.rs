@@ -262,6 +262,12 @@ pub struct ReplicateArgs {
     /// slowing its commits; released when its writes slow down
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
     pub defer_app_checkpoints: bool,
+    /// Past this many MiB in the WAL, the next handoff holds the app's writes until all
+    /// of it is shipped and copied back, and restarts the WAL (default: no limit; under a
+    /// write load faster than the disk or the store, the WAL grows until the load drops).
+    /// The app's busy timeout must cover the wait: seconds under such a load
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_wal_mib: Option<u64>,
     /// How long the final sync may take after SIGTERM/SIGINT.
     #[arg(long, default_value = "30s")]
     pub shutdown_timeout: Dur,

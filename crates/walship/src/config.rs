@@ -50,6 +50,7 @@ struct RawDb {
     enable_wal: Option<bool>,
     checkpoint_frames: Option<u32>,
     defer_app_checkpoints: Option<bool>,
+    max_wal_mib: Option<u64>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -130,6 +131,8 @@ pub struct Defaults {
     pub checkpoint_frames: u32,
     /// `defer-app-checkpoints` of a database.
     pub defer_app_checkpoints: bool,
+    /// `max-wal-mib` of a database.
+    pub max_wal_mib: Option<u64>,
     /// `enable-wal` of a database.
     pub enable_wal: bool,
     /// `retention`.
@@ -147,6 +150,7 @@ impl Default for Defaults {
             snapshot_interval: Duration::from_secs(300),
             checkpoint_frames: 1000,
             defer_app_checkpoints: true,
+            max_wal_mib: None,
             enable_wal: false,
             retention: RetentionPolicy::default(),
             lease: LeaseOptions::default(),
@@ -193,6 +197,8 @@ pub struct DbConfig {
     pub checkpoint_frames: u32,
     /// Hold the checkpoint lock while the app writes heavily.
     pub defer_app_checkpoints: bool,
+    /// Past this many MiB in the WAL, a handoff holds the app's writes until it restarts it.
+    pub max_wal_mib: Option<u64>,
     /// Its replicas (at least one).
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -391,6 +397,9 @@ impl Config {
             if d.path.trim().is_empty() {
                 bail!("{kp}.path: empty (give the database file)");
             }
+            if d.max_wal_mib == Some(0) {
+                bail!("{kp}.max-wal-mib: must be at least 1 (leave it out for no limit)");
+            }
             let path = normalize(&base.join(&d.path));
             // Compare real paths where the file exists (symlinks), else the normalized ones.
             let identity = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
@@ -446,6 +455,7 @@ impl Config {
                 defer_app_checkpoints: d
                     .defer_app_checkpoints
                     .unwrap_or(defaults.defer_app_checkpoints),
+                max_wal_mib: d.max_wal_mib.or(defaults.max_wal_mib),
                 replicas,
             });
         }
@@ -860,6 +870,7 @@ name = "main"
 enable-wal = true
 checkpoint-frames = 500
 defer-app-checkpoints = false
+max-wal-mib = 512
   [[db.replica]]
   url = "s3://${BUCKET}/app"
   name = "r2"
@@ -893,6 +904,7 @@ defer-app-checkpoints = false
         assert!(d.enable_wal);
         assert_eq!(d.checkpoint_frames, 500);
         assert!(!d.defer_app_checkpoints);
+        assert_eq!(d.max_wal_mib, Some(512));
         let r = &d.replicas[0];
         assert_eq!(r.name, "r2");
         assert!(matches!(&r.parsed, ReplicaUrl::S3 { bucket, .. } if bucket == "my-bucket"));
@@ -966,6 +978,8 @@ defer-app-checkpoints = false
         );
         let e = err(&MINIMAL.replace("url =", "encryption-key = \"short\"\n  url ="));
         assert!(e.contains("db[0].replica[0].encryption-key"), "{e}");
+        let e = err(&MINIMAL.replace("[[db.replica]]", "max-wal-mib = 0\n  [[db.replica]]"));
+        assert!(e.contains("db[0].max-wal-mib: must be at least 1"), "{e}");
         let e = err(&MINIMAL.replace("version = 1", "version = 2"));
         assert!(e.contains("version: unsupported config version 2"), "{e}");
         let e = err(&MINIMAL.replace("version = 1", ""));

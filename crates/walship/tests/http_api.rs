@@ -69,6 +69,7 @@ fn probes_health_and_metrics() {
         "walship_slow_copy_backs_total{db=\"app\"}",
         "walship_flushes_before_handoff_total{db=\"app\"}",
         "walship_handoffs_postponed_total{db=\"app\"}",
+        "walship_handoffs_forced_total{db=\"app\"}",
         "walship_generation_changes_total{db=\"app\"}",
         "walship_health{db=\"app\"}",
     ] {

@@ -181,6 +181,7 @@ fn status_json(d: &DbState, st: &Status, h: &DbHealth) -> Value {
         "slow_copy_backs": st.slow_copy_backs,
         "flushes_before_handoff": st.flushes_before_handoff,
         "handoffs_postponed": st.handoffs_postponed,
+        "handoffs_forced": st.handoffs_forced,
         "frames_shipped": st.frames_shipped,
         "wal_bytes": st.wal_bytes,
         "errors_by_kind": st.errors_by_kind,

@@ -276,6 +276,12 @@ impl Collector for StatusCollector {
         )?;
         self.counter(
             &mut enc,
+            "walship_handoffs_forced",
+            "Handoffs that held the app's writes to ship and copy back everything left, the WAL being over max-wal-mib",
+            |r| r.st.handoffs_forced,
+        )?;
+        self.counter(
+            &mut enc,
             "walship_generation_changes",
             "Generations started (each begins with a full snapshot)",
             |r| r.st.generations_started,
