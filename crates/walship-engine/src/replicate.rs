@@ -1460,42 +1460,13 @@ impl Replicator {
     /// sits on the completely checkpointed WAL, so the app's next write restarts it.
     async fn handoff(&mut self) -> EngineResult<()> {
         // Past the WAL's size limit the handoff waits for nothing: whatever is left to ship
-        // and to copy is done under the write lock.
+        // and to copy is done under the write lock. (Catching up before the lock cannot
+        // work under a load that got the WAL there: the app writes on meanwhile.)
         let forced = self.wal_over_limit();
-        // A handoff needs everything copied back, and under a heavy load of fresh pages a
-        // copy back takes seconds. With more than the copies below would take without
-        // holding shipping up, copying goes on beside the loop and the handoff waits.
-        if !forced && self.too_much_to_copy_back() {
-            return self.copy_back_beside().await;
-        }
-        // First copy back what can be copied without holding the app up: everything up to
-        // the pin, which is behind the shipped end. The pin moves at most every other sync
-        // (see `maybe_advance_pin`), so three syncs bring it twice near the WAL's end, and
-        // what is left for the locked part is what was committed during the last copy.
-        self.checkpoint_to_pin().await?;
-        // Under a light load what the locked part ships is a few transactions anyway, and
-        // each of these syncs would upload an object of its own. The load is judged once,
-        // before these syncs: they take the app's write rate with them, and a handoff that
-        // copied back ahead as under a heavy load flushes as under one.
-        let heavy = !self.light_load();
-        if heavy {
-            for _ in 0..3 {
-                self.sync_within(Some(self.opts.sync_interval)).await?;
-                if self.pin_moved {
-                    self.checkpoint_to_pin().await?;
-                }
-            }
-            // The app may write faster than these syncs ship. With more left than the lock
-            // may wait for, the handoff would be put off under the lock anyway, and the
-            // flush would only have made the app's own checkpoints wait for it (its fsyncs
-            // queue behind it: stalls of up to 0.9 s measured).
-            if !forced && self.too_much_unshipped() {
-                return Ok(());
-            }
-            self.flush_before_lock().await?;
-            if !forced && self.too_much_unshipped() {
-                return Ok(());
-            }
+        if forced {
+            self.finish_copy().await?;
+        } else if !self.catch_up_before_lock().await? {
+            return Ok(());
         }
         if self.app_checkpointing() {
             return self.yield_to_app_checkpoint().await;
@@ -1534,6 +1505,46 @@ impl Replicator {
         }
         self.handoff_at = (self.tail.epoch, self.tail.frames());
         Ok(())
+    }
+
+    /// The part of a handoff before the write lock: copies back and ships what can be done
+    /// without holding the app up, so that little is left for the lock. `false` if the
+    /// handoff is put off (too much left to copy back or to ship).
+    async fn catch_up_before_lock(&mut self) -> EngineResult<bool> {
+        // A handoff needs everything copied back, and under a heavy load of fresh pages a
+        // copy back takes seconds. With more than the copies below would take without
+        // holding shipping up, copying goes on beside the loop and the handoff waits.
+        if self.too_much_to_copy_back() {
+            self.copy_back_beside().await?;
+            return Ok(false);
+        }
+        // First copy back what can be copied without holding the app up: everything up to
+        // the pin, which is behind the shipped end. The pin moves at most every other sync
+        // (see `maybe_advance_pin`), so three syncs bring it twice near the WAL's end, and
+        // what is left for the locked part is what was committed during the last copy.
+        self.checkpoint_to_pin().await?;
+        // Under a light load what the locked part ships is a few transactions anyway, and
+        // each of these syncs would upload an object of its own. The load is judged once,
+        // before these syncs: they take the app's write rate with them, and a handoff that
+        // copied back ahead as under a heavy load flushes as under one.
+        if self.light_load() {
+            return Ok(true);
+        }
+        for _ in 0..3 {
+            self.sync_within(Some(self.opts.sync_interval)).await?;
+            if self.pin_moved {
+                self.checkpoint_to_pin().await?;
+            }
+        }
+        // The app may write faster than these syncs ship. With more left than the lock may
+        // wait for, the handoff would be put off under the lock anyway, and the flush would
+        // only have made the app's own checkpoints wait for it (its fsyncs queue behind it:
+        // stalls of up to 0.9 s measured).
+        if self.too_much_unshipped() {
+            return Ok(false);
+        }
+        self.flush_before_lock().await?;
+        Ok(!self.too_much_unshipped())
     }
 
     /// Whether the WAL holds more than [`ReplicateOptions::max_wal_bytes`] (its published
