@@ -377,17 +377,7 @@ impl Db {
     /// in the middle of `f` — which would let an app's checkpoint run beside walship's. The
     /// file's hold state is locked for the whole of `f` so that none happens.
     fn keeping_checkpoint_hold<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
-        let Some(shm) = self.shm.clone() else {
-            return f(self);
-        };
-        let Ok(mut hold) = shm.hold.lock() else {
-            return f(self);
-        };
-        let r = f(self);
-        if hold.holders > 0 {
-            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
-        }
-        r
+        self.keeping_hold(true, f)
     }
 
     /// `keeping_checkpoint_hold` for a read transaction, which takes the checkpoint lock only
@@ -397,16 +387,18 @@ impl Db {
     /// during a copy, so no recovery can take and release it meanwhile, and whoever holds
     /// the state takes the lock again when it ends.
     fn keeping_checkpoint_hold_unless_copying<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.keeping_hold(false, f)
+    }
+
+    fn keeping_hold<T>(&mut self, wait: bool, f: impl FnOnce(&mut Self) -> T) -> T {
         let Some(shm) = self.shm.clone() else {
             return f(self);
         };
-        let Ok(mut hold) = shm.hold.try_lock() else {
+        let Some(mut hold) = shm.hold_state(wait) else {
             return f(self);
         };
         let r = f(self);
-        if hold.holders > 0 {
-            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
-        }
+        shm.take_again_if_held(&mut hold, &self.path);
         r
     }
 
@@ -580,19 +572,13 @@ impl Copier {
     /// app's that holds the lock is doing the same work.
     pub fn checkpoint(&mut self) -> EngineResult<CheckpointResult> {
         let shm = self.shm.clone();
-        let hold = shm.as_ref().and_then(|s| s.hold.lock().ok());
-        let r = passive_checkpoint(&self.conn);
-        if let (Some(mut hold), Some(shm)) = (hold, shm.as_ref())
-            && hold.holders > 0
-        {
-            hold.locked = take_checkpoint_lock(&shm.file, &self.path);
+        let mut hold = shm.as_deref().and_then(|s| s.hold_state(true));
+        let r = checkpoint_on(&self.conn, CheckpointMode::Passive);
+        if let (Some(shm), Some(hold)) = (shm.as_deref(), hold.as_mut()) {
+            shm.take_again_if_held(hold, &self.path);
         }
         r
     }
-}
-
-fn passive_checkpoint(conn: &Connection) -> EngineResult<CheckpointResult> {
-    checkpoint_on(conn, CheckpointMode::Passive)
 }
 
 fn checkpoint_on(conn: &Connection, mode: CheckpointMode) -> EngineResult<CheckpointResult> {
@@ -614,6 +600,26 @@ struct Shm {
     file: Arc<File>,
     /// Which `Db`s of this process hold the checkpoint lock (`Db::hold_checkpoints`).
     hold: std::sync::Mutex<CheckpointHold>,
+}
+
+impl Shm {
+    /// The file's hold state, locked: waiting for it, or `None` at once while another holds
+    /// it (`wait` false). `None` too if it is poisoned.
+    fn hold_state(&self, wait: bool) -> Option<std::sync::MutexGuard<'_, CheckpointHold>> {
+        if wait {
+            self.hold.lock().ok()
+        } else {
+            self.hold.try_lock().ok()
+        }
+    }
+
+    /// After SQLite may have taken and released the checkpoint lock as this process's own:
+    /// takes it again while any `Db` holds it.
+    fn take_again_if_held(&self, hold: &mut CheckpointHold, db: &Path) {
+        if hold.holders > 0 {
+            hold.locked = take_checkpoint_lock(&self.file, db);
+        }
+    }
 }
 
 #[derive(Debug, Default)]

@@ -1183,7 +1183,7 @@ impl Replicator {
             };
             // A read of the `-shm` file: no blocking task for it (the loop is the only user
             // of the handle; busy, the pin just stays).
-            let ix = self.db.try_lock().ok().and_then(|db| db.wal_index());
+            let ix = self.wal_index_now();
             let past = ix.is_some_and(|ix| {
                 ix.salts == salts && ix.max_frame >= bound.saturating_add(PIN_STEP_FRAMES)
             });
@@ -1553,12 +1553,7 @@ impl Replicator {
         let (Some(max), Some(hdr)) = (self.opts.max_wal_bytes, self.tail.hdr) else {
             return false;
         };
-        let frames = self
-            .db
-            .try_lock()
-            .ok()
-            .and_then(|db| db.wal_index())
-            .map_or(0, |ix| ix.max_frame);
+        let frames = self.wal_index_now().map_or(0, |ix| ix.max_frame);
         u64::from(frames) * hdr.frame_size() > max
     }
 
@@ -1567,10 +1562,7 @@ impl Replicator {
     /// counted as tried. (With less, a copy beside the loop still running is waited for.)
     fn too_much_to_copy_back(&mut self) -> bool {
         let uncopied = self
-            .db
-            .try_lock()
-            .ok()
-            .and_then(|db| db.wal_index())
+            .wal_index_now()
             .filter(|ix| Some(ix.salts) == self.tail.salts())
             .map_or(0, |ix| ix.max_frame.saturating_sub(ix.backfilled));
         if uncopied <= COPY_BACK_LIMIT_FRAMES {
@@ -1989,11 +1981,17 @@ impl Replicator {
             .is_some_and(|(frames, _)| frames >= heavy_frames(self.opts.checkpoint_frames))
     }
 
+    /// The WAL index read in place (a read of the `-shm` file: no blocking task for it);
+    /// `None` while the database handle is busy or there is no index.
+    fn wal_index_now(&self) -> Option<crate::db::WalIndex> {
+        self.db.try_lock().ok().and_then(|db| db.wal_index())
+    }
+
     /// The frames the app has published past the shipped end, read in place from the WAL
     /// index, and whether the index is of the shipped WAL's incarnation (if not, every frame
     /// it shows counts). None when the index is busy or cannot be read.
     fn unshipped_in_index(&self) -> Option<(u32, bool)> {
-        let ix = self.db.try_lock().ok().and_then(|db| db.wal_index())?;
+        let ix = self.wal_index_now()?;
         Some(if Some(ix.salts) == self.tail.salts() {
             (ix.max_frame.saturating_sub(self.tail.frames()), true)
         } else {

@@ -793,6 +793,11 @@ async fn while_shipping_lags_far_behind_the_pin_follows_the_wal_end() {
     run.finish().await;
 }
 
+/// A transaction of about 1 MB of fresh pages (256 rows of 4,000 random bytes).
+const MB_TRANSACTION: &str = "BEGIN; INSERT INTO t(v) SELECT randomblob(4000) FROM \
+     (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+     WHERE i < 256) SELECT i FROM n); COMMIT;";
+
 /// What a replicator reported while an app wrote small transactions flat out beside it.
 struct HeavyLoad {
     /// Its status when the app began, and when it stopped.
@@ -932,13 +937,7 @@ async fn a_handoff_with_more_left_to_ship_than_the_lock_may_wait_for_is_put_off_
             let c = Connection::open(&db).unwrap();
             c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // About 1 MB a transaction.
-                c.execute_batch(
-                    "BEGIN; INSERT INTO t(v) SELECT randomblob(4000) FROM \
-                     (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
-                     WHERE i < 256) SELECT i FROM n); COMMIT;",
-                )
-                .unwrap();
+                c.execute_batch(MB_TRANSACTION).unwrap();
             }
         })
     };
@@ -994,12 +993,7 @@ async fn past_its_size_limit_the_wal_restarts_even_when_shipping_cannot_keep_up(
             c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
             let t0 = std::time::Instant::now();
             while t0.elapsed() < Duration::from_secs(4) {
-                c.execute_batch(
-                    "BEGIN; INSERT INTO t(v) SELECT randomblob(4000) FROM \
-                     (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
-                     WHERE i < 256) SELECT i FROM n); COMMIT;",
-                )
-                .unwrap();
+                c.execute_batch(MB_TRANSACTION).unwrap();
             }
         })
     };
