@@ -32,6 +32,7 @@ Everything the harness starts binds to 127.0.0.1 and is stopped by PID on exit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import atexit
 import ctypes
 import datetime as dt
@@ -72,6 +73,8 @@ MIB = 1 << 20
 class Profile:
     name: str
     load_seconds: float
+    load_seconds_large: float  # long enough to reach the steady state of a WAL written at 300 MB/s
+    warm_cache: bool  # fill the page cache before each large-transaction run (see `PageCacheFiller`)
     load_rounds: int
     burst_seconds: float  # writing time of each database in the bursts run
     burst_gap: float  # idle spell after each 1 s burst
@@ -91,17 +94,20 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", load_seconds=6, load_rounds=3, burst_seconds=4, burst_gap=3,
+    "full": Profile("full", load_seconds=6, load_seconds_large=20, warm_cache=True,
+                    load_rounds=3, burst_seconds=4, burst_gap=3,
                     burst_rounds=2, lag_seconds=10, lag_rounds=2,
                     lag_rates=[50, 0], sizes=[100 * MB, 1024 * MIB], restore_reps=2,
                     segment_seconds=20, segment_rate=100, baseline_window=4,
                     idle_seconds=600, idle_burst_mb=50, idle_settle=5, template_rows=20_000),
-    "quick": Profile("quick", load_seconds=4, load_rounds=2, burst_seconds=2,
+    "quick": Profile("quick", load_seconds=4, load_seconds_large=8, warm_cache=False,
+                     load_rounds=2, burst_seconds=2,
                      burst_gap=2, burst_rounds=1, lag_seconds=6, lag_rounds=1,
                      lag_rates=[50, 0], sizes=[100 * MB], restore_reps=2,
                      segment_seconds=8, segment_rate=100, baseline_window=3,
                      idle_seconds=20, idle_burst_mb=20, idle_settle=5, template_rows=20_000),
-    "smoke": Profile("smoke", load_seconds=1, load_rounds=1, burst_seconds=1,
+    "smoke": Profile("smoke", load_seconds=1, load_seconds_large=1, warm_cache=False,
+                     load_rounds=1, burst_seconds=1,
                      burst_gap=0.3, burst_rounds=1, lag_seconds=2, lag_rounds=1,
                      lag_rates=[50], sizes=[4 * MB], restore_reps=1,
                      segment_seconds=1.5, segment_rate=50, baseline_window=1,
@@ -495,6 +501,13 @@ class Moto:
         req = urllib.request.Request(f"{self.endpoint}/{bucket}", method="PUT", data=b"")
         urllib.request.urlopen(req, timeout=10).read()
 
+    def reset(self, bucket: str) -> None:
+        """Drops every object (moto keeps them in its own memory: gigabytes after a few
+        large-transaction runs) and makes the bucket again."""
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST", data=b"")
+        urllib.request.urlopen(req, timeout=60).read()
+        self.create_bucket(bucket)
+
     def mark(self) -> int:
         try:
             return self.log_path.stat().st_size
@@ -850,8 +863,12 @@ def copy_db(src: Path, dst: Path) -> None:
 
 
 def remove_db(p: Path) -> None:
+    """The database, its WAL and index, and what either replicator keeps beside it
+    (Litestream's hidden `.NAME-litestream`: gigabytes after a run of large transactions)."""
     for suffix in ("", "-wal", "-shm"):
         Path(str(p) + suffix).unlink(missing_ok=True)
+    shutil.rmtree(Path(str(p) + "-walship"), ignore_errors=True)
+    shutil.rmtree(p.parent / f".{p.name}-litestream", ignore_errors=True)
 
 
 def db_digest(path: Path, check: str | None = "quick_check") -> tuple:
@@ -887,6 +904,65 @@ def writer_argv(db: Path, stats: Path, seconds: float, kind: str = "small", rate
         if wal_pos:
             argv += ["--wal-pos"]
     return argv
+
+
+def meminfo_mib() -> dict:
+    """/proc/meminfo in MiB ({} where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in f}
+    except OSError:
+        return {}
+
+
+class PageCacheFiller:
+    """Keeps the machine's free memory small during the large-transaction runs, as on a
+    server whose memory is page cache: a sparse file of nearly all available memory (no
+    disk space: its holes read as zeros, each into a clean page-cache page), read before
+    each run. Why: on this VM memory freed by the guest (the files of the run before,
+    deleted) is handed back to the host (virtio-balloon free page reporting), and the first
+    touch of each such page faults on the host. A run that takes many fresh pages (a WAL
+    growing by 300 MB/s, a replica beside it) then slows down once the pages still backed
+    run out, several seconds into it, by as much as 40 % — a state of the host, not of the
+    configuration, and different from run to run. With the page cache full, new pages come
+    from reclaiming the filler's clean pages, as they would on a server that has been up
+    for a while."""
+
+    HEADROOM = 2 << 30
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.bytes = 0
+        self.reads: list[float] = []
+
+    def create(self) -> None:
+        avail = meminfo_mib().get("MemAvailable", 0) << 20
+        size = avail - self.HEADROOM
+        if size < (4 << 30):
+            log(f"page cache filler skipped: {avail >> 20} MiB available")
+            return
+        with open(self.path, "wb") as f:
+            f.truncate(size)
+        self.bytes = size
+        log(f"page cache filler: a sparse file of {size >> 20} MiB")
+
+    def warm(self) -> dict:
+        """Reads the filler into the page cache again (what the run before evicted; holes,
+        so no disk reads). Returns the free memory left for the run."""
+        if not self.bytes:
+            return {}
+        t0 = time.time()
+        with open(self.path, "rb") as f:
+            while f.read(16 << 20):
+                pass
+        self.reads.append(time.time() - t0)
+        return {"mem_free_mib": meminfo_mib().get("MemFree")}
+
+    def remove(self) -> int:
+        """Deletes the filler; returns its size."""
+        self.path.unlink(missing_ok=True)
+        made, self.bytes = self.bytes, 0
+        return made
 
 
 def run_writer(work: Path, tag: str, db: Path, seconds: float, **kw) -> dict:
@@ -1065,7 +1141,10 @@ class Harness:
         p = self.p
         self.env.start_s3("load")
         configs = [(None, "again")] + [(t, b) for t in self.tools for b in self.backends]
+        self.filler = PageCacheFiller(self.work / "page-cache-filler")
         for kind in ("small", "large"):
+            if kind == "large" and p.warm_cache:
+                self.filler.create()
             for rnd in range(p.load_rounds):
                 pending = None  # the configuration's record still waiting for its after-run
                 prev_none = None
@@ -1085,6 +1164,8 @@ class Harness:
                         prev_none = rec
                     else:
                         pending = rec
+        self.raw["load_setup"] = {"page_cache_filler_mib": self.filler.remove() >> 20,
+                                  "filler_reads_s": self.filler.reads}
         self.env.stop_s3()
 
     def load_run(self, kind: str, rnd: int, tool, backend) -> dict:
@@ -1096,11 +1177,14 @@ class Harness:
         copy_db(self.template, db)
         proc = None
         rec = {"kind": kind, "config": name, "round": rnd}
+        seconds = p.load_seconds_large if kind == "large" else p.load_seconds
+        if kind == "large":
+            rec.update(self.filler.warm())
         if tool:
             rep = self.env.replica(backend, tag)
             proc, logp, rec["ready_s"] = self.start_replicator(tool, db, rep, tag)
             c0 = cpu_ticks(proc.pid)
-        st = run_writer(self.work, tag, db, p.load_seconds, kind=kind)
+        st = run_writer(self.work, tag, db, seconds, kind=kind)
         rec.update(txn_per_s=st["txn_per_s"], p50_ms=st["p50_ms"],
                    p99_ms=st["p99_ms"], max_ms=st["max_ms"], txns=st["txns"],
                    errors=st["errors"])
@@ -1109,7 +1193,9 @@ class Harness:
             rec["replicator_cpu_pct"] = (100 * (c1 - c0) / st["seconds"]
                                          if c0 is not None and c1 is not None
                                          else None)
-            e = stop(proc)
+            # A replicator behind a store slower than the app ships its backlog before it
+            # exits: several times the run's length for the peer.
+            e = stop(proc, timeout=max(60.0, 6 * seconds))
             rec.update(exit=e.rc, maxrss_mib=mib(e),
                        stop_s=e.stop_s, segments=tool.segments(logp))
         log(f"load {kind:5s} {name:16s} r{rnd}: {st['txn_per_s']:8.0f} txn/s "
@@ -1118,6 +1204,8 @@ class Harness:
         remove_db(db)
         if tool and rep.path is not None:
             shutil.rmtree(rep.path, ignore_errors=True)
+        if tool and rep.moto is not None:
+            rep.moto.reset(rep.bucket)
         # What a run left dirty in the page cache (a replica of a gigabyte or
         # more) would otherwise be written back during the next run.
         os.sync()
@@ -1643,14 +1731,26 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
     # 1. load
     if raw["load"]:
         L.append("## 1. Write-load impact\n")
+        setup = raw.get("load_setup") or {}
+        filler = setup.get("page_cache_filler_mib")
+        free = median([r.get("mem_free_mib") for r in raw["load"] if r["kind"] == "large"])
+        warm = (f" Before each large run a sparse file of {filler / 1024:.1f} GiB is read into "
+                f"the page cache (free memory left: median {fmt(free, 0)} MiB), so that free "
+                "memory is small and the run's new pages come from "
+                "the page cache, as on a server that has been up a while (median read "
+                f"{fmt(median(setup.get('filler_reads_s') or []), 1)} s; why: "
+                "docs/benchmarks.md, \"Fresh memory\")." if filler else
+                " Large runs start with whatever memory is free.")
         L.append(f"Writer: Python sqlite3, WAL, synchronous=NORMAL, {h.p.load_seconds:g} s per "
-                 f"run at max rate, wal_autocheckpoint at SQLite's default (1000); small = 1 row "
+                 f"small-transaction run and {h.p.load_seconds_large:g} s per large one "
+                 f"at max rate, wal_autocheckpoint at SQLite's default (1000); small = 1 row "
                  "of 100 B, large = 256 rows of 1 KiB. \"max ms\" is the longest single commit "
                  "(the longest the writer was held up at once). Replicator CPU is % of one core "
                  "over the run; "
                  "\"exit after SIGTERM\" is the time the replicator took to ship its backlog and "
                  "exit when the writer stopped. After each run the replica directory is removed "
-                 "and `sync` run, so that no run writes back what the one before left dirty.\n")
+                 "and `sync` run, so that no run writes back what the one before left dirty."
+                 + warm + "\n")
         L.append("Every replicated run is bracketed by two runs of the unreplicated writer "
                  "(none C1 none C2 ... none, the order of the configurations rotating from "
                  "round to round), and its ratio is taken against the mean of the two beside "
@@ -2016,12 +2116,17 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="results file (default benches/results/<date>.md)")
     ap.add_argument("--work", type=Path, help="scratch dir (default target/bench-work/<run>)")
     ap.add_argument("--keep-work", action="store_true")
+    ap.add_argument("--no-warm-cache", action="store_true",
+                    help="start each large-transaction run with whatever memory is free instead "
+                    "of a page cache filled first")
     ap.add_argument("--replicate-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `walship replicate` (repeat; for A/B runs, e.g. "
                     "--replicate-arg=--compaction-fan-in --replicate-arg=0)")
     args = ap.parse_args()
     profile = "smoke" if args.smoke else "quick" if args.quick else "full"
     prof = PROFILES[profile]
+    if args.no_warm_cache:
+        prof = dataclasses.replace(prof, warm_cache=False)
 
     if not args.smoke:
         ensure_venv()
