@@ -505,8 +505,17 @@ class Moto:
         """Drops every object (moto keeps them in its own memory: gigabytes after a few
         large-transaction runs) and makes the bucket again."""
         req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST", data=b"")
-        urllib.request.urlopen(req, timeout=60).read()
-        self.create_bucket(bucket)
+        for attempt in range(3):
+            try:
+                urllib.request.urlopen(req, timeout=60).read()
+                break
+            except OSError as e:  # moto answered 500 once, right after the peer was stopped
+                log(f"moto reset failed ({e}); {'retrying' if attempt < 2 else 'objects kept'}")
+                time.sleep(1)
+        try:
+            self.create_bucket(bucket)
+        except OSError:
+            pass  # the reset failed: the bucket is still there
 
     def mark(self) -> int:
         try:
