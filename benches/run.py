@@ -73,7 +73,7 @@ MIB = 1 << 20
 class Profile:
     name: str
     load_seconds: float
-    load_seconds_large: float  # long enough to reach the steady state of a WAL written at 300 MB/s
+    load_seconds_large: float  # long enough for a steady mean (per-2 s rates beside walship vary ±15 %)
     warm_cache: bool  # fill the page cache before each large-transaction run (see `PageCacheFiller`)
     load_rounds: int
     burst_seconds: float  # writing time of each database in the bursts run
@@ -94,7 +94,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", load_seconds=6, load_seconds_large=20, warm_cache=True,
+    "full": Profile("full", load_seconds=6, load_seconds_large=40, warm_cache=True,
                     load_rounds=3, burst_seconds=4, burst_gap=3,
                     burst_rounds=2, lag_seconds=10, lag_rounds=2,
                     lag_rates=[50, 0], sizes=[100 * MB, 1024 * MIB], restore_reps=2,
@@ -924,48 +924,79 @@ def meminfo_mib() -> dict:
         return {}
 
 
+def free_target_bytes() -> int:
+    """How little free memory the filler leaves: twice the kernel's high watermarks summed
+    over the zones (where reclaim keeps free memory on its own once the page cache is
+    full), and no less than 256 MiB."""
+    high = 0
+    try:
+        with open("/proc/zoneinfo") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "high":
+                    high += int(parts[1])
+    except (OSError, ValueError):
+        high = 0
+    return max(256 << 20, 2 * high * os.sysconf("SC_PAGE_SIZE"))
+
+
 class PageCacheFiller:
     """Keeps the machine's free memory small during the large-transaction runs, as on a
-    server whose memory is page cache: a sparse file of nearly all available memory (no
+    server whose memory is page cache: a sparse file the size of the machine's memory (no
     disk space: its holes read as zeros, each into a clean page-cache page), read before
-    each run. Why: on this VM memory freed by the guest (the files of the run before,
-    deleted) is handed back to the host (virtio-balloon free page reporting), and the first
+    each run until free memory is down to what the kernel keeps free anyway. Why: on this VM
+    memory freed by the guest (the files of the run before, deleted) is handed back to the
+    host (virtio-balloon free page reporting) a few seconds after it is freed, and the first
     touch of each such page faults on the host. A run that takes many fresh pages (a WAL
-    growing by 300 MB/s, a replica beside it) then slows down once the pages still backed
-    run out, several seconds into it, by as much as 40 % — a state of the host, not of the
-    configuration, and different from run to run. With the page cache full, new pages come
-    from reclaiming the filler's clean pages, as they would on a server that has been up
-    for a while."""
+    growing by 300 MB/s, a replica beside it) slows down by as much as 40 % for as long as
+    it takes such pages: after its first second or two (pages freed too recently to have
+    been handed back), until free memory reaches the kernel's watermarks — a state of the
+    host, not of the configuration, and different from run to run. With the page cache full
+    and free memory at the watermarks, new pages come from reclaiming the filler's clean
+    pages, as they would on a server that has been up for a while."""
 
-    HEADROOM = 2 << 30
+    MAX_READ_S = 120.0
 
     def __init__(self, path: Path):
         self.path = path
         self.bytes = 0
+        self.target = free_target_bytes()
         self.reads: list[float] = []
 
     def create(self) -> None:
-        avail = meminfo_mib().get("MemAvailable", 0) << 20
-        size = avail - self.HEADROOM
+        size = meminfo_mib().get("MemTotal", 0) << 20
         if size < (4 << 30):
-            log(f"page cache filler skipped: {avail >> 20} MiB available")
+            log(f"page cache filler skipped: {size >> 20} MiB of memory")
             return
         with open(self.path, "wb") as f:
             f.truncate(size)
         self.bytes = size
-        log(f"page cache filler: a sparse file of {size >> 20} MiB")
+        log(f"page cache filler: a sparse file of {size >> 20} MiB, read before each large "
+            f"run until {self.target >> 20} MiB are free")
 
     def warm(self) -> dict:
-        """Reads the filler into the page cache again (what the run before evicted; holes,
-        so no disk reads). Returns the free memory left for the run."""
+        """Reads the filler into the page cache (what the run before evicted; holes, so no
+        disk reads) until free memory is down to the target, from its start again if its end
+        comes first (the file is larger than the page cache can hold, and memory is freed
+        while it is read: the files just deleted, the kernel's own reclaim of cold pages),
+        for at most two minutes. Returns the free memory left for the run."""
         if not self.bytes:
             return {}
         t0 = time.time()
-        with open(self.path, "rb") as f:
-            while f.read(16 << 20):
-                pass
+        passes = 0
+        done = False
+        while not done:
+            passes += 1
+            with open(self.path, "rb") as f:
+                while f.read(16 << 20):
+                    if (meminfo_mib().get("MemFree", 0) << 20) <= self.target:
+                        done = True
+                        break
+                    if time.time() - t0 > self.MAX_READ_S:
+                        done = True
+                        break
         self.reads.append(time.time() - t0)
-        return {"mem_free_mib": meminfo_mib().get("MemFree")}
+        return {"mem_free_mib": meminfo_mib().get("MemFree"), "filler_passes": passes}
 
     def remove(self) -> int:
         """Deletes the filler; returns its size."""
@@ -1174,6 +1205,7 @@ class Harness:
                     else:
                         pending = rec
         self.raw["load_setup"] = {"page_cache_filler_mib": self.filler.remove() >> 20,
+                                  "free_target_mib": self.filler.target >> 20,
                                   "filler_reads_s": self.filler.reads}
         self.env.stop_s3()
 
@@ -1744,8 +1776,8 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
         filler = setup.get("page_cache_filler_mib")
         free = median([r.get("mem_free_mib") for r in raw["load"] if r["kind"] == "large"])
         warm = (f" Before each large run a sparse file of {filler / 1024:.1f} GiB is read into "
-                f"the page cache (free memory left: median {fmt(free, 0)} MiB), so that free "
-                "memory is small and the run's new pages come from "
+                "the page cache until free memory is down to the kernel's watermarks (left: "
+                f"median {fmt(free, 0)} MiB), so that the run's new pages come from "
                 "the page cache, as on a server that has been up a while (median read "
                 f"{fmt(median(setup.get('filler_reads_s') or []), 1)} s; why: "
                 "docs/benchmarks.md, \"Fresh memory\")." if filler else
