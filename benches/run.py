@@ -32,9 +32,9 @@ Everything the harness starts binds to 127.0.0.1 and is stopped by PID on exit.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import atexit
 import ctypes
+import dataclasses
 import datetime as dt
 import filecmp
 import hashlib
@@ -509,7 +509,7 @@ class Moto:
             try:
                 urllib.request.urlopen(req, timeout=60).read()
                 break
-            except OSError as e:  # moto answered 500 once, right after the peer was stopped
+            except OSError as e:  # 500 while a request of the stopped peer is in flight
                 log(f"moto reset failed ({e}); {'retrying' if attempt < 2 else 'objects kept'}")
                 time.sleep(1)
         try:
@@ -983,18 +983,13 @@ class PageCacheFiller:
         if not self.bytes:
             return {}
         t0 = time.time()
-        passes = 0
-        done = False
-        while not done:
-            passes += 1
-            with open(self.path, "rb") as f:
-                while f.read(16 << 20):
-                    if (meminfo_mib().get("MemFree", 0) << 20) <= self.target:
-                        done = True
-                        break
-                    if time.time() - t0 > self.MAX_READ_S:
-                        done = True
-                        break
+        passes = 1
+        with open(self.path, "rb") as f:
+            while ((meminfo_mib().get("MemFree", 0) << 20) > self.target
+                   and time.time() - t0 <= self.MAX_READ_S):
+                if not f.read(16 << 20):
+                    f.seek(0)
+                    passes += 1
         self.reads.append(time.time() - t0)
         return {"mem_free_mib": meminfo_mib().get("MemFree"), "filler_passes": passes}
 
