@@ -118,6 +118,10 @@ pub struct ReplicateOptions {
     /// a load the disk cannot keep up with: the app needs a busy timeout longer than that).
     /// `None` (the default): no limit; under such a load the WAL grows until it drops.
     pub max_wal_bytes: Option<u64>,
+    /// Pages of the WAL overlay (the latest shipped frame of each page the WAL holds, which
+    /// snapshots read) kept in memory; more are written out beside the database, 8 bytes a
+    /// page. Default 229,376 (about 2.3 MiB).
+    pub overlay_pages: usize,
 }
 
 impl Default for ReplicateOptions {
@@ -135,6 +139,7 @@ impl Default for ReplicateOptions {
             defer_app_checkpoints: true,
             slow_copy_back: Duration::from_millis(250),
             max_wal_bytes: None,
+            overlay_pages: crate::overlay::SPILL_PAGES,
         }
     }
 }
@@ -394,6 +399,23 @@ struct Tail {
 }
 
 impl Tail {
+    /// A copy without the overlay, for looking at the WAL: the overlay can hold hundreds of
+    /// thousands of pages, and nothing but a snapshot reads it.
+    fn without_overlay(&self) -> Tail {
+        Tail {
+            generation: self.generation,
+            epoch: self.epoch,
+            hdr: self.hdr,
+            chain: self.chain,
+            db_pages: self.db_pages,
+            page_size: self.page_size,
+            position: self.position,
+            pos_state: self.pos_state,
+            overlay: Overlay::default(),
+            clean_pin_at: self.clean_pin_at,
+        }
+    }
+
     fn frames(&self) -> u32 {
         self.chain.map_or(0, |c| c.frames())
     }
@@ -767,6 +789,15 @@ impl Replicator {
         Ok(rep)
     }
 
+    /// Where the WAL overlay writes the pages it does not keep in memory: beside the
+    /// database, on the volume that holds its WAL.
+    fn overlay_dir(&self) -> PathBuf {
+        match self.db_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     fn span_db(&self) -> String {
         self.db_path.display().to_string()
     }
@@ -822,7 +853,7 @@ impl Replicator {
         if checksum != oh.wal.checksum {
             return None;
         }
-        let mut overlay = Overlay::default();
+        let mut overlay = Overlay::spilling_every(&self.overlay_dir(), self.opts.overlay_pages);
         for f in scan.frames.iter().filter(|f| f.index <= frames) {
             overlay.insert(f.pgno, f.index);
         }
@@ -854,7 +885,7 @@ impl Replicator {
         let rand: u32 = rand::random();
         let generation = GenerationId::new_after(now_ms(), rand, newest);
         let frames = est.scan.as_ref().map_or(0, |s| s.end());
-        let mut overlay = Overlay::default();
+        let mut overlay = Overlay::spilling_every(&self.overlay_dir(), self.opts.overlay_pages);
         if let Some(s) = &est.scan {
             for f in &s.frames {
                 overlay.insert(f.pgno, f.index);
@@ -1042,7 +1073,7 @@ impl Replicator {
 
     /// Looks at the WAL (blocking): new frames, a restart, or a break.
     async fn observe(&self) -> EngineResult<Observed> {
-        let tail = self.tail.clone();
+        let tail = self.tail.without_overlay();
         let wal_path = self.wal_path.clone();
         self.on_db(move |db| observe_wal(db, &wal_path, &tail))
             .await

@@ -41,6 +41,7 @@ pub fn write_image(
         Some(File::open(wal_path)?)
     };
     let ps = page_size as usize;
+    let mut cursor = overlay.cursor();
     let mut buf = vec![0u8; READ_PAGES * ps];
     let mut pgno: u32 = 1;
     while pgno <= db_pages {
@@ -49,7 +50,7 @@ pub fn write_image(
         read_at_zero_fill(db, chunk, u64::from(pgno - 1) * page_size as u64)?;
         for i in 0..n {
             let p = pgno + i as u32;
-            if let Some(index) = overlay.get(p) {
+            if let Some(index) = cursor.frame_of(p)? {
                 let (Some(hdr), Some(wf)) = (wal, wal_file.as_ref()) else {
                     return Err(io::Error::other("overlay without a WAL"));
                 };
