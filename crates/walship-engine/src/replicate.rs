@@ -606,7 +606,15 @@ async fn replica_end(
 /// The result of taking a clean pin and reading the WAL from its start.
 struct Established {
     hdr: Option<WalHeader>,
+    /// What the WAL holds; its frames only if they are few (see `frames_kept`).
     scan: Option<Scan>,
+    /// Whether `scan` holds every frame it found (at most a residue's worth is kept).
+    frames_kept: bool,
+    /// The overlay of every committed frame of the WAL (for a new generation).
+    overlay: Overlay,
+    /// At the frame a resumed replica ends at (see [`establish`]): its checksum and the
+    /// overlay of the frames up to it.
+    resume_at: Option<ResumePoint>,
     page_size: u32,
     db_pages: u32,
     clean: bool,
@@ -615,7 +623,23 @@ struct Established {
     body: Option<Vec<u8>>,
 }
 
-fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
+/// Where the replica to resume ends, as seen in the WAL.
+struct ResumePoint {
+    frames: u32,
+    checksum: walship_format::wal::Checksum,
+    overlay: Overlay,
+}
+
+/// Takes a clean pin and reads the WAL from its start, filling `overlay` (empty, as the
+/// replicator makes them) with every committed frame. `resume_frames`: the frame count of
+/// the incarnation at the replica's end, if it may be resumed; the WAL's state there is
+/// kept too. Nothing here grows with the WAL but the overlay, which spills to disk.
+fn establish(
+    db: &mut Db,
+    lock_timeout: Duration,
+    mut overlay: Overlay,
+    resume_frames: Option<u32>,
+) -> EngineResult<Established> {
     // Take the write lock so nothing is appended while the pin is re-taken and the WAL read.
     // An old pin (after a break) proves nothing for what follows, and an app's blocking
     // checkpoint holding the lock would wait for it: let it go first.
@@ -636,11 +660,33 @@ fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
         let wal_path = db.wal_path();
         let hdr =
             walfile::read_header(&wal_path).map_err(|e| EngineError::io("read WAL header", e))?;
+        let mut resume_at = None;
+        let mut frames_kept = true;
         let scan = match &hdr {
-            Some(h) => Some(
-                walfile::scan(&wal_path, h, FrameChain::from_header(h), u32::MAX)
-                    .map_err(|e| EngineError::io("read WAL", e))?,
-            ),
+            Some(h) => {
+                // Only a residue's worth of frames is ever read back from the list.
+                let keep = usize::try_from(RESIDUE_LIMIT / h.frame_size().max(1)).unwrap_or(0);
+                let (s, kept) = walfile::scan_visiting(
+                    &wal_path,
+                    h,
+                    FrameChain::from_header(h),
+                    u32::MAX,
+                    keep,
+                    &mut |f| {
+                        overlay.insert(f.pgno, f.index);
+                        if resume_frames == Some(f.index) {
+                            resume_at = Some(ResumePoint {
+                                frames: f.index,
+                                checksum: f.checksum,
+                                overlay: overlay.clone(),
+                            });
+                        }
+                    },
+                )
+                .map_err(|e| EngineError::io("read WAL", e))?;
+                frames_kept = kept;
+                Some(s)
+            }
             None => None,
         };
         let page_size = match &hdr {
@@ -659,6 +705,7 @@ fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
         let mut body = None;
         if clean
             && let (Some(h), Some(sc)) = (&hdr, &scan)
+            && frames_kept
             && !sc.frames.is_empty()
             && db
                 .wal_index()
@@ -675,6 +722,9 @@ fn establish(db: &mut Db, lock_timeout: Duration) -> EngineResult<Established> {
         Ok(Established {
             hdr,
             scan,
+            frames_kept,
+            overlay,
+            resume_at,
             page_size,
             db_pages,
             clean,
@@ -812,14 +862,18 @@ impl Replicator {
         // Frames of the generation being left behind are not shipped into the next.
         self.residue = None;
         let timeout = self.opts.lock_timeout;
-        let mut est = self.on_db(move |db| establish(db, timeout)).await?;
+        let overlay = Overlay::spilling_every(&self.overlay_dir(), self.opts.overlay_pages);
+        let resume_frames = end.as_ref().map(|e| key::split_position(e.header.end).1);
+        let mut est = self
+            .on_db(move |db| establish(db, timeout, overlay, resume_frames))
+            .await?;
         // The pin's bound is the WAL end read under the lock; a resumed tail ships the
         // frames before it with the next sync, and they must not count as past it.
         self.commits_past_pin = 0;
         self.pin_bound_pending = true;
         self.mark_bound = None;
         let after_segments = end.is_some_and(|e| e.header.kind.has_frames());
-        let resumed = end.and_then(|end| self.try_resume(&est, end));
+        let resumed = end.and_then(|end| self.try_resume(&mut est, end));
         match resumed {
             Some(tail) => {
                 tracing::info!(db = %self.span_db(), generation = %tail.generation, position = tail.position, clean = est.clean, wal_end = est.scan.as_ref().map_or(0, |s| s.end()), "resuming replica");
@@ -834,7 +888,7 @@ impl Replicator {
         }
     }
 
-    fn try_resume(&self, est: &Established, end: ReplicaEnd) -> Option<Tail> {
+    fn try_resume(&self, est: &mut Established, end: ReplicaEnd) -> Option<Tail> {
         let h = est.hdr?;
         let oh = end.header;
         if oh.page_size != est.page_size || oh.wal.salt1 != h.salt1 || oh.wal.salt2 != h.salt2 {
@@ -844,18 +898,19 @@ impl Replicator {
             return None;
         }
         let (epoch, frames) = key::split_position(oh.end);
-        let scan = est.scan.as_ref()?;
-        let checksum = if frames == 0 {
-            h.checksum
+        let wal_end = est.scan.as_ref()?.end();
+        let (checksum, overlay) = if frames == 0 {
+            let empty = Overlay::spilling_every(&self.overlay_dir(), self.opts.overlay_pages);
+            (h.checksum, empty)
         } else {
-            scan.frames.iter().find(|f| f.index == frames)?.checksum
+            let at = est.resume_at.as_ref().filter(|r| r.frames == frames)?;
+            if at.checksum != oh.wal.checksum {
+                return None;
+            }
+            (at.checksum, est.resume_at.take()?.overlay)
         };
         if checksum != oh.wal.checksum {
             return None;
-        }
-        let mut overlay = Overlay::spilling_every(&self.overlay_dir(), self.opts.overlay_pages);
-        for f in scan.frames.iter().filter(|f| f.index <= frames) {
-            overlay.insert(f.pgno, f.index);
         }
         Some(Tail {
             generation: end.generation,
@@ -873,7 +928,7 @@ impl Replicator {
             position: oh.end,
             pos_state: oh.wal,
             overlay,
-            clean_pin_at: est.clean.then(|| (Some((h.salt1, h.salt2)), scan.end())),
+            clean_pin_at: est.clean.then_some((Some((h.salt1, h.salt2)), wal_end)),
         })
     }
 
@@ -885,12 +940,7 @@ impl Replicator {
         let rand: u32 = rand::random();
         let generation = GenerationId::new_after(now_ms(), rand, newest);
         let frames = est.scan.as_ref().map_or(0, |s| s.end());
-        let mut overlay = Overlay::spilling_every(&self.overlay_dir(), self.opts.overlay_pages);
-        if let Some(s) = &est.scan {
-            for f in &s.frames {
-                overlay.insert(f.pgno, f.index);
-            }
-        }
+        let overlay = est.overlay;
         let chain = est.scan.as_ref().map(|s| s.chain);
         let mut tail = Tail {
             generation,
@@ -2139,6 +2189,9 @@ impl Replicator {
 /// that a restart of the WAL before then is still proven continuous by the clean pin at the
 /// WAL's end.
 fn unshipped_residue(est: &mut Established, tail: &Tail) -> Option<Residue> {
+    if !est.frames_kept {
+        return None;
+    }
     let (mut body, scan, hdr) = (est.body.take()?, est.scan.as_ref()?, est.hdr?);
     let shipped = tail.frames() as usize;
     if shipped >= scan.frames.len() || scan.frames.first().map(|f| f.index) != Some(1) {

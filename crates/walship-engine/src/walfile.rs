@@ -119,6 +119,21 @@ impl<'a> FrameReader<'a> {
 /// Scans frames after `chain.frames()` and returns everything up to the last commit frame
 /// that continues the chain. `limit` caps the number of frames returned (at a commit).
 pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::Result<Scan> {
+    scan_visiting(path, hdr, chain, limit, usize::MAX, &mut |_| {}).map(|(s, _)| s)
+}
+
+/// Like [`scan`], with every committed frame also handed to `visit`, in order; the scan
+/// keeps the frames themselves only while they are at most `keep` (a WAL of gigabytes
+/// holds millions). Returns whether it kept them all.
+pub fn scan_visiting(
+    path: &Path,
+    hdr: &WalHeader,
+    chain: FrameChain,
+    limit: u32,
+    keep: usize,
+    visit: &mut dyn FnMut(&FrameRef),
+) -> io::Result<(Scan, bool)> {
+    let mut kept = true;
     let mut out = Scan {
         chain,
         db_pages: None,
@@ -130,7 +145,7 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
     };
     let f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((out, kept)),
         Err(e) => return Err(e),
     };
     let start = chain.frames();
@@ -160,18 +175,28 @@ pub fn scan(path: &Path, hdr: &WalHeader, chain: FrameChain, limit: u32) -> io::
                 checksum: fh.checksum,
             });
             if fh.is_commit() {
-                if out.frames.len() + pending.len() > limit as usize && !out.frames.is_empty() {
+                let committed = (cur.frames() - start) as usize;
+                if committed > limit as usize && committed > pending.len() {
                     out.more = true;
                     break 'read;
                 }
-                out.frames.append(&mut pending);
+                for f in &pending {
+                    visit(f);
+                }
+                if kept && committed <= keep {
+                    out.frames.append(&mut pending);
+                } else {
+                    kept = false;
+                    out.frames = Vec::new();
+                    pending.clear();
+                }
                 out.commits += 1;
                 out.chain = cur;
                 out.db_pages = Some(fh.commit_size);
             }
         }
     }
-    Ok(out)
+    Ok((out, kept))
 }
 
 /// Copies the given frames (consecutive, as a scan returns them) of the WAL into `w`,
@@ -316,6 +341,37 @@ mod tests {
         let mut out = Vec::new();
         copy_frames(&wal, &hdr, &s2.frames, &mut out).expect("copy");
         assert_eq!(out.len(), s2.frames.len() * hdr.frame_size() as usize);
+    }
+
+    #[test]
+    fn a_scan_visits_every_committed_frame_but_keeps_them_only_up_to_its_limit() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("a.db");
+        let c = Connection::open(&p).expect("open");
+        c.pragma_update(None, "journal_mode", "wal").expect("wal");
+        c.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("no autockpt");
+        c.execute_batch("CREATE TABLE t(x);").expect("w");
+        for _ in 0..20 {
+            c.execute("INSERT INTO t VALUES (randomblob(3000))", [])
+                .expect("w");
+        }
+        let wal = dir.path().join("a.db-wal");
+        let hdr = read_header(&wal).expect("io").expect("header");
+        let from = FrameChain::from_header(&hdr);
+        let all = scan(&wal, &hdr, from, u32::MAX).expect("scan");
+        for keep in [usize::MAX, all.frames.len(), 5] {
+            let mut seen = Vec::new();
+            let (s, kept) = scan_visiting(&wal, &hdr, from, u32::MAX, keep, &mut |f| seen.push(*f))
+                .expect("scan");
+            assert_eq!(seen, all.frames, "keep {keep}");
+            assert_eq!(
+                (s.end(), s.commits, s.db_pages),
+                (all.end(), all.commits, all.db_pages)
+            );
+            assert_eq!(kept, keep >= all.frames.len(), "keep {keep}");
+            assert_eq!(s.frames.is_empty(), !kept, "keep {keep}");
+        }
     }
 
     #[test]

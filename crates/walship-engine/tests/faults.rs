@@ -674,6 +674,73 @@ async fn snapshots_of_a_long_wal_restore_equal(opts: ReplicateOptions) {
     assert!(log > 12_000, "the WAL holds {log} frames");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicator_restarted_on_a_long_wal_resumes_and_its_snapshot_restores_equal() {
+    // The WAL holds thousands of frames when the replicator starts again: the start reads it
+    // whole but keeps neither the frames (more than a residue's worth) nor more than 1,000
+    // pages of the overlay in memory, and must still find where the replica ends, resume
+    // there, and lay the right frames over the file in its next snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let app = Connection::open(&db).unwrap();
+    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    let big = |n: usize| {
+        app.execute_batch("BEGIN").unwrap();
+        for _ in 0..n {
+            app.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+                .unwrap();
+        }
+        app.execute_batch("COMMIT").unwrap();
+    };
+    big(4000);
+    let s = faulty_local(dir.path(), false);
+    let opts = ReplicateOptions {
+        overlay_pages: 1000,
+        ..no_handoff_opts()
+    };
+    let cancel = CancellationToken::new();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        opts.clone(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    big(3000);
+    h.sync().await.unwrap();
+    let first = h.status().generation;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    // While it is down: pages shipped before rewritten, and fresh ones after them.
+    app.execute("UPDATE t SET v = randomblob(3000) WHERE id % 5 = 0", [])
+        .unwrap();
+    big(1500);
+    let cancel = CancellationToken::new();
+    let (h, task) =
+        walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
+    h.sync().await.unwrap();
+    h.snapshot().await.unwrap();
+    let st = h.status();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        (st.generation, st.generations_started),
+        (first, 0),
+        "did not resume"
+    );
+    let out = dir.path().join("out.db");
+    let report = restore_to(&s.plain, &out).await;
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    assert_eq!(report.segments, 0, "restored from {}", report.snapshot);
+    assert_eq!(digest(&out), digest(&db));
+    let (log, _): (i64, i64) = app
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert!(log > 9_000, "the WAL holds {log} frames");
+}
+
 /// The WAL index's published end and the frames copied back into the database (`mxFrame`
 /// and `nBackfill`: the index header is two 48-byte copies, then the checkpoint info).
 fn wal_ends(db: &Path) -> (u32, u32) {
