@@ -741,6 +741,68 @@ async fn a_replicator_restarted_on_a_long_wal_resumes_and_its_snapshot_restores_
     assert!(log > 9_000, "the WAL holds {log} frames");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_writes_on_while_a_starting_replicator_reads_a_long_wal() {
+    // The start reads the whole WAL; with frames not yet copied back it does so after
+    // letting go of the write lock, so the app's commits do not wait for that read.
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let app = Connection::open(&db).unwrap();
+    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    app.execute_batch("BEGIN").unwrap();
+    for _ in 0..LONG_WAL_ROWS {
+        app.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+            .unwrap();
+    }
+    app.execute_batch("COMMIT").unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let c = Connection::open(&db).unwrap();
+            c.busy_timeout(Duration::from_secs(60)).unwrap();
+            c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+            // No fsync per commit: what a commit waits for is the lock, not the disk.
+            c.pragma_update(None, "synchronous", "OFF").unwrap();
+            let mut longest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t0 = std::time::Instant::now();
+                c.execute("INSERT INTO t(v) VALUES (randomblob(10))", [])
+                    .unwrap();
+                longest = longest.max(t0.elapsed());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            longest
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let s = faulty_local(dir.path(), false);
+    let cancel = CancellationToken::new();
+    let t0 = std::time::Instant::now();
+    let (h, task) = walship_engine::replicate::spawn(
+        db.clone(),
+        s.replica.clone(),
+        no_handoff_opts(),
+        cancel.clone(),
+    );
+    h.sync().await.unwrap();
+    let started = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let longest = writer.join().unwrap();
+    h.sync().await.unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert!(
+        longest < started / 4,
+        "a commit waited {longest:?} while the replicator started in {started:?}"
+    );
+    assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+/// Rows of 3,000 bytes (a page each) making a WAL long enough that reading it at the start
+/// takes a while.
+const LONG_WAL_ROWS: usize = 24_000;
+
 /// The WAL index's published end and the frames copied back into the database (`mxFrame`
 /// and `nBackfill`: the index header is two 48-byte copies, then the checkpoint info).
 fn wal_ends(db: &Path) -> (u32, u32) {
