@@ -939,11 +939,8 @@ impl Replicator {
             let empty = Overlay::spilling_every(&self.overlay_dir(), self.opts.overlay_pages);
             (h.checksum, empty)
         } else {
-            let at = est.resume_at.as_ref().filter(|r| r.frames == frames)?;
-            if at.checksum != oh.wal.checksum {
-                return None;
-            }
-            (at.checksum, est.resume_at.take()?.overlay)
+            let at = est.resume_at.take().filter(|r| r.frames == frames)?;
+            (at.checksum, at.overlay)
         };
         if checksum != oh.wal.checksum {
             return None;
