@@ -316,14 +316,19 @@ mod tests {
     use super::*;
     use rusqlite::Connection;
 
-    #[test]
-    fn scan_stops_at_the_last_commit_and_resumes_from_it() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("a.db");
-        let c = Connection::open(&p).expect("open");
+    /// `a.db` in `dir`, in WAL mode, never checkpointed automatically.
+    fn wal_db(dir: &Path) -> Connection {
+        let c = Connection::open(dir.join("a.db")).expect("open");
         c.pragma_update(None, "journal_mode", "wal").expect("wal");
         c.pragma_update(None, "wal_autocheckpoint", 0)
             .expect("no autockpt");
+        c
+    }
+
+    #[test]
+    fn scan_stops_at_the_last_commit_and_resumes_from_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = wal_db(dir.path());
         c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
             .expect("w");
         let wal = dir.path().join("a.db-wal");
@@ -346,11 +351,7 @@ mod tests {
     #[test]
     fn a_scan_visits_every_committed_frame_but_keeps_them_only_up_to_its_limit() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("a.db");
-        let c = Connection::open(&p).expect("open");
-        c.pragma_update(None, "journal_mode", "wal").expect("wal");
-        c.pragma_update(None, "wal_autocheckpoint", 0)
-            .expect("no autockpt");
+        let c = wal_db(dir.path());
         c.execute_batch("CREATE TABLE t(x);").expect("w");
         for _ in 0..20 {
             c.execute("INSERT INTO t VALUES (randomblob(3000))", [])
@@ -377,11 +378,7 @@ mod tests {
     #[test]
     fn a_verified_copy_refuses_a_page_changed_under_an_unchanged_frame_header() {
         let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("a.db");
-        let c = Connection::open(&p).expect("open");
-        c.pragma_update(None, "journal_mode", "wal").expect("wal");
-        c.pragma_update(None, "wal_autocheckpoint", 0)
-            .expect("no autockpt");
+        let c = wal_db(dir.path());
         c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1); INSERT INTO t VALUES (2);")
             .expect("w");
         let wal = dir.path().join("a.db-wal");

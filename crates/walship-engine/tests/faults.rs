@@ -629,17 +629,8 @@ async fn snapshots_of_a_wal_holding_more_pages_than_the_overlay_keeps_in_memory_
 
 async fn snapshots_of_a_long_wal_restore_equal(opts: ReplicateOptions) {
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
-    let app = Connection::open(&db).unwrap();
-    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-    let big = |n: usize| {
-        app.execute_batch("BEGIN").unwrap();
-        for _ in 0..n {
-            app.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
-                .unwrap();
-        }
-        app.execute_batch("COMMIT").unwrap();
-    };
+    let (db, app) = long_wal_app(dir.path());
+    let big = |n: usize| insert_pages(&app, n);
     big(6000);
     let s = faulty_local(dir.path(), false);
     let cancel = CancellationToken::new();
@@ -656,21 +647,11 @@ async fn snapshots_of_a_long_wal_restore_equal(opts: ReplicateOptions) {
     h.sync().await.unwrap();
     h.snapshot().await.unwrap();
     std::fs::remove_file(dir.path().join("out.db")).unwrap();
-    // From the snapshot just taken, with nothing after it: not from the first one (an
-    // image that failed its integrity check would fall back to it, unseen by the digest).
-    let out = dir.path().join("out.db");
-    let report = restore_to(&s.plain, &out).await;
-    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-    assert_eq!(report.segments, 0, "restored from {}", report.snapshot);
-    assert_eq!(digest(&out), digest(&db));
+    assert_restores_from_the_newest_snapshot(&s.plain, dir.path(), &db).await;
     cancel.cancel();
     task.await.unwrap().unwrap();
     // Both images came from the WAL: nothing was ever copied back.
-    let (log, _): (i64, i64) = app
-        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get(1)?, r.get(2)?))
-        })
-        .unwrap();
+    let log = wal_frames(&app);
     assert!(log > 12_000, "the WAL holds {log} frames");
 }
 
@@ -681,17 +662,8 @@ async fn a_replicator_restarted_on_a_long_wal_resumes_and_its_snapshot_restores_
     // pages of the overlay in memory, and must still find where the replica ends, resume
     // there, and lay the right frames over the file in its next snapshot.
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
-    let app = Connection::open(&db).unwrap();
-    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-    let big = |n: usize| {
-        app.execute_batch("BEGIN").unwrap();
-        for _ in 0..n {
-            app.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
-                .unwrap();
-        }
-        app.execute_batch("COMMIT").unwrap();
-    };
+    let (db, app) = long_wal_app(dir.path());
+    let big = |n: usize| insert_pages(&app, n);
     big(4000);
     let s = faulty_local(dir.path(), false);
     let opts = ReplicateOptions {
@@ -728,16 +700,8 @@ async fn a_replicator_restarted_on_a_long_wal_resumes_and_its_snapshot_restores_
         (first, 0),
         "did not resume"
     );
-    let out = dir.path().join("out.db");
-    let report = restore_to(&s.plain, &out).await;
-    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-    assert_eq!(report.segments, 0, "restored from {}", report.snapshot);
-    assert_eq!(digest(&out), digest(&db));
-    let (log, _): (i64, i64) = app
-        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get(1)?, r.get(2)?))
-        })
-        .unwrap();
+    assert_restores_from_the_newest_snapshot(&s.plain, dir.path(), &db).await;
+    let log = wal_frames(&app);
     assert!(log > 9_000, "the WAL holds {log} frames");
 }
 
@@ -746,15 +710,8 @@ async fn the_app_writes_on_while_a_starting_replicator_reads_a_long_wal() {
     // The start reads the whole WAL; with frames not yet copied back it does so after
     // letting go of the write lock, so the app's commits do not wait for that read.
     let dir = tempfile::tempdir().unwrap();
-    let db = app_db(dir.path());
-    let app = Connection::open(&db).unwrap();
-    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-    app.execute_batch("BEGIN").unwrap();
-    for _ in 0..LONG_WAL_ROWS {
-        app.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
-            .unwrap();
-    }
-    app.execute_batch("COMMIT").unwrap();
+    let (db, app) = long_wal_app(dir.path());
+    insert_pages(&app, LONG_WAL_ROWS);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (db, stop) = (db.clone(), stop.clone());
@@ -797,6 +754,41 @@ async fn the_app_writes_on_while_a_starting_replicator_reads_a_long_wal() {
         "a commit waited {longest:?} while the replicator started in {started:?}"
     );
     assert_restores_equal(&s.plain, dir.path(), &db).await;
+}
+
+/// The app's database, its connection never checkpointing: a WAL that only grows.
+fn long_wal_app(dir: &Path) -> (PathBuf, Connection) {
+    let db = app_db(dir);
+    let app = Connection::open(&db).unwrap();
+    app.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    (db, app)
+}
+
+/// One transaction of `n` rows of 3,000 random bytes: a fresh page each.
+fn insert_pages(app: &Connection, n: usize) {
+    app.execute_batch("BEGIN").unwrap();
+    for _ in 0..n {
+        app.execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+            .unwrap();
+    }
+    app.execute_batch("COMMIT").unwrap();
+}
+
+/// Frames in the WAL (a PASSIVE checkpoint's count).
+fn wal_frames(app: &Connection) -> i64 {
+    app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+        .unwrap()
+}
+
+/// Like [`assert_restores_equal`], from the newest snapshot with nothing after it and
+/// nothing skipped: an image that failed its integrity check would make the restore fall
+/// back to an older snapshot, which the digest alone would not show.
+async fn assert_restores_from_the_newest_snapshot(replica: &Replica, dir: &Path, db: &Path) {
+    let out = dir.join("out.db");
+    let report = restore_to(replica, &out).await;
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    assert_eq!(report.segments, 0, "restored from {}", report.snapshot);
+    assert_eq!(digest(&out), digest(db));
 }
 
 /// Rows of 3,000 bytes (a page each) making a WAL long enough that reading it at the start
