@@ -11,12 +11,16 @@ use tokio::sync::mpsc;
 use walship_format::crypto::{Key, KeyRing};
 use walship_format::key::{GENERATIONS_DIR, GenerationId, ObjectKey};
 use walship_format::object::{BodyWrite, HEADER_SIZE, ObjectHeader, ObjectWriter};
-use walship_storage::{ObjectStore, PutBody, PutOptions, StorageError, list_all, list_dirs};
+use walship_storage::{
+    ObjectStore, PutBody, PutOptions, STREAM_CHUNK, StorageError, list_all, list_dirs,
+};
 
 use crate::error::{EngineError, EngineResult};
 
-/// Objects whose body is at most this many bytes are encoded in memory; larger ones stream.
-pub const IN_MEMORY_LIMIT: u64 = 8 * 1024 * 1024;
+/// Objects whose body is at most this many bytes are encoded in memory (a failed put is
+/// retried from it); larger ones stream, which holds one part of an S3 multipart upload (5
+/// MiB by default) and a few [`STREAM_CHUNK`]s.
+pub const IN_MEMORY_LIMIT: u64 = 4 * 1024 * 1024;
 
 /// One object found by a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +158,7 @@ impl Replica {
                 .await?;
             return Ok(n);
         }
-        let (tx, rx) = mpsc::channel::<Result<Bytes, StorageError>>(4);
+        let (tx, rx) = mpsc::channel::<Result<Bytes, StorageError>>(QUEUED_CHUNKS);
         let producer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let sink = ChannelWriter::new(tx.clone());
             let mut w = new_writer(sink, &header, seal.as_ref())?;
@@ -311,14 +315,19 @@ fn tokio_stream_from(
     Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).fuse())
 }
 
-/// A `Write` that sends 1 MiB chunks into a channel (from a blocking thread).
+/// Chunks of a streamed upload waiting for the store, beyond the one being filled and the
+/// one being taken: the encoder runs this far ahead of the upload, and no further.
+const QUEUED_CHUNKS: usize = 2;
+
+/// A `Write` that sends chunks of [`STREAM_CHUNK`] bytes into a channel (from a blocking
+/// thread).
 struct ChannelWriter {
     tx: mpsc::Sender<Result<Bytes, StorageError>>,
     buf: Vec<u8>,
     sent: u64,
 }
 
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = STREAM_CHUNK;
 
 impl ChannelWriter {
     fn new(tx: mpsc::Sender<Result<Bytes, StorageError>>) -> Self {

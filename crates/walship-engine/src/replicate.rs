@@ -530,7 +530,7 @@ struct Residue {
 
 /// The most a handoff reads into memory under the write lock; with more left to ship, the
 /// handoff waits for a later round.
-const RESIDUE_LIMIT: u64 = crate::replica::IN_MEMORY_LIMIT;
+const RESIDUE_LIMIT: u64 = 8 * 1024 * 1024;
 
 /// How far the WAL's end must be past the pin's mark for the pin to move without waiting for
 /// shipping (see `Replicator::maybe_advance_pin`): 32 MiB of 4 KiB pages. Each move lets

@@ -60,6 +60,11 @@ pub use crate::url::ReplicaUrl;
 /// A stream of byte chunks: the body of a get, or of a streamed put.
 pub type ByteStream = Pin<Box<dyn Stream<Item = StorageResult<Bytes>> + Send + 'static>>;
 
+/// The largest chunk a producer of a [`PutBody::Stream`] should send. Stores size the room
+/// they keep past a part or a threshold for one such chunk, and a producer's queue of chunks
+/// is what an upload holds beside the part it buffers: small chunks keep both small.
+pub const STREAM_CHUNK: usize = 256 * 1024;
+
 /// What a put uploads.
 pub enum PutBody {
     /// A body already in memory.

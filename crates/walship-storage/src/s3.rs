@@ -7,8 +7,10 @@
 //!
 //! Puts below [`S3Options::multipart_threshold`] are one `PutObject`; larger ones, and streams
 //! that turn out larger, are multipart uploads that buffer one part at a time and are aborted
-//! on error. `if_none_match` sends `If-None-Match: *` (on `CompleteMultipartUpload` for a
-//! multipart upload), and the 412 it earns becomes [`StorageError::AlreadyExists`].
+//! on error. Parts are [`S3Options::part_size`] and double after every [`PARTS_PER_SIZE`], so
+//! a small part (a small buffer) still reaches objects of terabytes. `if_none_match` sends
+//! `If-None-Match: *` (on `CompleteMultipartUpload` for a multipart upload), and the 412 it
+//! earns becomes [`StorageError::AlreadyExists`].
 //!
 //! Recent SDK releases add CRC checksums with aws-chunked bodies to every upload, which some
 //! S3-compatible stores refuse; [`ChecksumMode::WhenRequired`], the default, sends checksums
@@ -42,10 +44,14 @@ use crate::{
 const MIB: usize = 1 << 20;
 /// S3's smallest part (all but the last).
 const MIN_PART_SIZE: usize = 5 * MIB;
-/// Room past the threshold for the chunk that crosses it.
-const STREAM_SLACK: usize = MIB + 64 * 1024;
+/// Room past the threshold for the chunk that crosses it (a stream's chunks are at most
+/// [`crate::STREAM_CHUNK`]; a larger one grows the buffer once).
+const STREAM_SLACK: usize = crate::STREAM_CHUNK + 64 * 1024;
 /// S3's largest part.
 const MAX_PART_SIZE: usize = 5 * 1024 * MIB;
+/// Parts of one size before the size doubles: 5 MiB parts reach 4.9 GiB at the thousandth
+/// part, and the doubling reaches 4.8 TiB within S3's 10,000 parts.
+pub const PARTS_PER_SIZE: i32 = 1000;
 /// S3's most parts in one upload.
 const MAX_PARTS: i32 = 10_000;
 
@@ -121,9 +127,12 @@ pub struct S3Options {
     /// Address buckets in the path (`http://host/bucket/key`); `None` = true when an endpoint
     /// is given, false for AWS.
     pub force_path_style: Option<bool>,
-    /// Puts larger than this use a multipart upload. Default 8 MiB.
+    /// Puts larger than this use a multipart upload. Default 5 MiB. A streamed put buffers
+    /// this much to choose.
     pub multipart_threshold: usize,
-    /// Part size of multipart uploads, at least 5 MiB. Default 8 MiB.
+    /// Size of a multipart upload's first [`PARTS_PER_SIZE`] parts, at least 5 MiB; each
+    /// thousand after doubles it (up to S3's 5 GiB). One part is buffered at a time. Default
+    /// 5 MiB.
     pub part_size: usize,
     /// Server-side encryption to ask for on every put.
     pub sse: Option<ServerSideEncryption>,
@@ -146,8 +155,8 @@ impl Default for S3Options {
             endpoint: None,
             region: None,
             force_path_style: None,
-            multipart_threshold: 8 * MIB,
-            part_size: 8 * MIB,
+            multipart_threshold: MIN_PART_SIZE,
+            part_size: MIN_PART_SIZE,
             sse: None,
             checksum: ChecksumMode::WhenRequired,
             credentials: None,
@@ -560,14 +569,18 @@ impl S3Store {
         let mut done = Vec::new();
         let mut number: i32 = 0;
         let mut bytes: u64 = 0;
-        while let Some(part) = parts.next_part(self.part_size).await? {
+        loop {
+            let size = part_size(self.part_size, number + 1);
+            let Some(part) = parts.next_part(size).await? else {
+                break;
+            };
             number += 1;
             if number > MAX_PARTS {
                 return Err(StorageError::Other {
                     store: self.describe.clone(),
                     detail: format!(
-                        "`{key}` needs more than {MAX_PARTS} parts of {} bytes: raise part_size",
-                        self.part_size
+                        "`{key}` needs more than {MAX_PARTS} parts (the last {size} bytes): \
+                         raise part_size"
                     ),
                     transient: false,
                 });
@@ -655,6 +668,14 @@ fn find_credentials_error<'a>(
         cur = e.source();
     }
     None
+}
+
+/// The size of part `number` (from 1): `base`, doubled after every [`PARTS_PER_SIZE`] parts,
+/// at most S3's largest part.
+fn part_size(base: usize, number: i32) -> usize {
+    let doublings = u32::try_from((number.max(1) - 1) / PARTS_PER_SIZE).unwrap_or(0);
+    base.saturating_mul(1 << doublings.min(16))
+        .min(MAX_PART_SIZE)
 }
 
 /// The parts of a multipart upload: slices of a body in memory, or a stream buffered one part
@@ -949,6 +970,24 @@ mod tests {
             matches!(err, Some(StorageError::InvalidUrl { .. })),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn parts_double_after_every_thousand_and_reach_terabytes() {
+        let base = 5 * MIB;
+        assert_eq!(part_size(base, 1), base);
+        assert_eq!(part_size(base, PARTS_PER_SIZE), base);
+        assert_eq!(part_size(base, PARTS_PER_SIZE + 1), 2 * base);
+        assert_eq!(part_size(base, 3 * PARTS_PER_SIZE + 1), 8 * base);
+        assert_eq!(part_size(base, MAX_PARTS), MAX_PART_SIZE.min(base << 9));
+        assert_eq!(part_size(MAX_PART_SIZE, MAX_PARTS), MAX_PART_SIZE);
+        let total: u128 = (1..=MAX_PARTS).map(|n| part_size(base, n) as u128).sum();
+        assert!(
+            total >= 48 * (1u128 << 40) / 10,
+            "{total} bytes is short of 4.8 TiB"
+        );
+        // The default 5 MiB parts keep a 1 GiB snapshot to one size.
+        assert_eq!(part_size(base, 1024 / 5 + 1), base);
     }
 
     #[test]
