@@ -327,13 +327,11 @@ struct ChannelWriter {
     sent: u64,
 }
 
-const CHUNK: usize = STREAM_CHUNK;
-
 impl ChannelWriter {
     fn new(tx: mpsc::Sender<Result<Bytes, StorageError>>) -> Self {
         ChannelWriter {
             tx,
-            buf: Vec::with_capacity(CHUNK),
+            buf: Vec::with_capacity(STREAM_CHUNK),
             sent: 0,
         }
     }
@@ -342,7 +340,7 @@ impl ChannelWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_CHUNK));
         self.sent += chunk.len() as u64;
         self.tx
             .blocking_send(Ok(Bytes::from(chunk)))
@@ -352,9 +350,9 @@ impl ChannelWriter {
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK - self.buf.len());
+        let n = data.len().min(STREAM_CHUNK - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK {
+        if self.buf.len() == STREAM_CHUNK {
             self.flush_chunk()?;
         }
         Ok(n)

@@ -630,8 +630,7 @@ async fn snapshots_of_a_wal_holding_more_pages_than_the_overlay_keeps_in_memory_
 async fn snapshots_of_a_long_wal_restore_equal(opts: ReplicateOptions) {
     let dir = tempfile::tempdir().unwrap();
     let (db, app) = long_wal_app(dir.path());
-    let big = |n: usize| insert_pages(&app, n);
-    big(6000);
+    insert_pages(&app, 6000);
     let s = faulty_local(dir.path(), false);
     let cancel = CancellationToken::new();
     // No handoff: the WAL keeps every frame.
@@ -639,11 +638,11 @@ async fn snapshots_of_a_long_wal_restore_equal(opts: ReplicateOptions) {
         walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());
     h.sync().await.unwrap();
     assert_restores_equal(&s.plain, dir.path(), &db).await;
-    big(6000);
+    insert_pages(&app, 6000);
     app.execute("UPDATE t SET v = randomblob(3000) WHERE id % 7 = 0", [])
         .unwrap();
     // Fresh pages after the rewrites: their frames are no longer the newest in memory.
-    big(1500);
+    insert_pages(&app, 1500);
     h.sync().await.unwrap();
     h.snapshot().await.unwrap();
     std::fs::remove_file(dir.path().join("out.db")).unwrap();
@@ -663,8 +662,7 @@ async fn a_replicator_restarted_on_a_long_wal_resumes_and_its_snapshot_restores_
     // there, and lay the right frames over the file in its next snapshot.
     let dir = tempfile::tempdir().unwrap();
     let (db, app) = long_wal_app(dir.path());
-    let big = |n: usize| insert_pages(&app, n);
-    big(4000);
+    insert_pages(&app, 4000);
     let s = faulty_local(dir.path(), false);
     let opts = ReplicateOptions {
         overlay_pages: 1000,
@@ -678,7 +676,7 @@ async fn a_replicator_restarted_on_a_long_wal_resumes_and_its_snapshot_restores_
         cancel.clone(),
     );
     h.sync().await.unwrap();
-    big(3000);
+    insert_pages(&app, 3000);
     h.sync().await.unwrap();
     let first = h.status().generation;
     cancel.cancel();
@@ -686,7 +684,7 @@ async fn a_replicator_restarted_on_a_long_wal_resumes_and_its_snapshot_restores_
     // While it is down: pages shipped before rewritten, and fresh ones after them.
     app.execute("UPDATE t SET v = randomblob(3000) WHERE id % 5 = 0", [])
         .unwrap();
-    big(1500);
+    insert_pages(&app, 1500);
     let cancel = CancellationToken::new();
     let (h, task) =
         walship_engine::replicate::spawn(db.clone(), s.replica.clone(), opts, cancel.clone());

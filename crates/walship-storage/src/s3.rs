@@ -51,7 +51,7 @@ const STREAM_SLACK: usize = crate::STREAM_CHUNK + 64 * 1024;
 const MAX_PART_SIZE: usize = 5 * 1024 * MIB;
 /// Parts of one size before the size doubles: 5 MiB parts reach 4.9 GiB at the thousandth
 /// part, and the doubling reaches 4.8 TiB within S3's 10,000 parts.
-pub const PARTS_PER_SIZE: i32 = 1000;
+const PARTS_PER_SIZE: i32 = 1000;
 /// S3's most parts in one upload.
 const MAX_PARTS: i32 = 10_000;
 
