@@ -1445,10 +1445,22 @@ class Harness:
                 w = spawn(writer_argv(db, stats, 3600, kind="small", timeline=tl),
                           log_path=self.work / f"{tag}.snapw.log")
                 time.sleep(0.5 + p.baseline_window)
+                # Who used the two cores while the snapshot uploaded: the writer, the
+                # replicator and (to S3) the loopback server, each in /proc's CPU ticks.
+                server = self.env.moto.proc.pid if backend == "s3" and self.env.moto else None
+                cpu0 = {"writer": cpu_ticks(w.pid),
+                        "server": cpu_ticks(server) if server else None}
                 t_rep = time.time()
                 logp = self.work / f"{tag}.{tool.name}.log"
                 proc = tool.replicate(db, rep, logp)
                 t_snap = wait_for_text(logp, tool.snapshot_done, 1800, proc)
+                cpu1 = {"writer": cpu_ticks(w.pid), "replicator": cpu_ticks(proc.pid),
+                        "server": cpu_ticks(server) if server else None}
+                cpu0["replicator"] = 0.0
+                for who in ("writer", "replicator", "server"):
+                    a, b = cpu0.get(who), cpu1.get(who)
+                    rec[f"snapshot_cpu_{who}"] = ((b - a) / max(1e-9, t_snap - t_rep)
+                                                  if a is not None and b is not None else None)
                 we = stop(w)
                 # Replica size right after the first snapshot (before the segment workload).
                 _, snap_bytes = rep.objects()
@@ -2041,13 +2053,19 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                  f"baseline is its rate over the {h.p.baseline_window:g} s before the "
                  "replicator starts, compared with its rate from the replicator's start until "
                  "its first full snapshot is uploaded.\n")
+        L.append("CPU during the snapshot is in cores (CPU seconds over the snapshot's "
+                 "seconds) of the writer, the replicator and, to S3, the loopback S3 server, "
+                 "which shares the machine's 2 cores with both.\n")
         L.append("| size | config | snapshot s | writer txn/s before | during | ratio | "
-                 "segments after | final sync s |")
-        L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                 "CPU writer / replicator / S3 server | segments after | final sync s |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for b in raw["big"]:
+            cpu = " / ".join(fmt(b.get(f"snapshot_cpu_{w}"), 2)
+                             for w in ("writer", "replicator", "server"))
             L.append(f"| {b['size']} | {b['config']} | {fmt(b['snapshot_s'], 2)} | "
                      f"{fmt(b['writer_base_txn_per_s'], 0)} | "
                      f"{fmt(b['writer_snap_txn_per_s'], 0)} | {fmt(b['snapshot_ratio'], 2)} | "
+                     f"{cpu} | "
                      f"{b['segments'] if b['segments'] is not None else '–'} | "
                      f"{fmt(b['final_sync_s'], 2)} |")
         L.append("")
