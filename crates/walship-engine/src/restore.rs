@@ -24,6 +24,18 @@ use crate::AbortOnDrop;
 use crate::error::{EngineError, EngineResult};
 use crate::replica::{Listed, Replica};
 
+/// Where a restore tells how far it has got: bytes of stored objects read, out of those it
+/// planned to read. A restore that falls back to another point starts again from `start`.
+pub trait RestoreProgress: Send + Sync + std::fmt::Debug {
+    /// An attempt begins: it will read `total` bytes of objects (its snapshot and the
+    /// segments after it, as listed).
+    fn start(&self, total: u64);
+    /// `bytes` more of them were read.
+    fn advance(&self, bytes: u64);
+    /// Every object is read and applied; the restored file is being flushed and checked.
+    fn verifying(&self);
+}
+
 /// Settings of a restore.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -33,6 +45,8 @@ pub struct RestoreOptions {
     pub parallelism: usize,
     /// Replace an existing output file (its `-wal` and `-shm` too).
     pub overwrite: bool,
+    /// Told how far the restore has got (a progress bar), if anyone asks.
+    pub progress: Option<Arc<dyn RestoreProgress>>,
 }
 
 impl Default for RestoreOptions {
@@ -41,7 +55,24 @@ impl Default for RestoreOptions {
             target_ms: None,
             parallelism: 4,
             overwrite: false,
+            progress: None,
         }
+    }
+}
+
+/// A reader that tells a restore's progress of every byte read through it.
+struct Counted<R> {
+    inner: R,
+    progress: Option<Arc<dyn RestoreProgress>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = &self.progress {
+            p.advance(n as u64);
+        }
+        Ok(n)
     }
 }
 
@@ -316,12 +347,22 @@ async fn attempt(
         seg_tx,
     )));
 
+    let progress = opts.progress.clone();
+    if let Some(p) = &progress {
+        p.start(snap.size + chain.iter().map(|s| s.size).sum::<u64>());
+    }
+
     // 1. The snapshot, streamed into the temporary file.
     let body = download(store.clone(), snap.name.clone());
     let tmp_path = tmp.path.clone();
     let key = snap.name.clone();
     let keys = replica.keys().cloned();
+    let counted = progress.clone();
     let (header, bytes) = run_blocking_with_stream(body, move |reader| {
+        let reader = Counted {
+            inner: reader,
+            progress: counted,
+        };
         let mut r = ObjectReader::with_keys(reader, keys.as_deref())
             .map_err(|source| EngineError::decoding(&key, source))?;
         let h = *r.header();
@@ -414,6 +455,9 @@ async fn attempt(
         });
         match r {
             Ok((h, n)) => {
+                if let Some(p) = &progress {
+                    p.advance(n);
+                }
                 report.bytes += n;
                 report.position = h.end;
                 report.pages = h.db_pages;
@@ -452,6 +496,9 @@ async fn attempt(
         elapsed_ms = t_snap.elapsed().as_millis() as u64,
         "segments applied"
     );
+    if let Some(p) = &progress {
+        p.verifying();
+    }
     // 3. Size; then the fsync and the integrity check side by side (the check reads what the
     // page cache holds, which the fsync only writes out: one waits on the disk, the other
     // works the CPU); then the rename, once both succeeded.

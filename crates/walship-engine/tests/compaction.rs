@@ -319,6 +319,69 @@ async fn compaction_off_leaves_every_segment() {
     assert_eq!(segments(&replica).await.len(), 20);
 }
 
+/// What a restore told its progress, in order: ('s', total), ('a', bytes), ('v', 0).
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<(char, u64)>>);
+
+impl walship_engine::RestoreProgress for Recorder {
+    fn start(&self, total: u64) {
+        self.0.lock().unwrap().push(('s', total));
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.lock().unwrap().push(('a', bytes));
+    }
+    fn verifying(&self) {
+        self.0.lock().unwrap().push(('v', 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_tells_its_progress_up_to_every_byte_it_planned_then_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = local(dir.path());
+    let rig = Rig::start(dir.path(), &replica, opts(0, Duration::ZERO)).await;
+    let db = rig.db.clone();
+    for i in 0..12 {
+        rig.commit(if i % 4 == 0 { 200_000 } else { 300 }).await;
+    }
+    let _app = rig.stop().await;
+    let out = dir.path().join("out.db");
+    let rec = Arc::new(Recorder::default());
+    let report = walship_engine::restore::restore(
+        &replica,
+        &out,
+        &RestoreOptions {
+            progress: Some(rec.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(digest(&out), digest(&db));
+    assert!(
+        report.segments >= 12,
+        "segments applied: {}",
+        report.segments
+    );
+    let events = rec.0.lock().unwrap().clone();
+    assert_eq!(events.first().map(|e| e.0), Some('s'), "{events:?}");
+    assert_eq!(events.last(), Some(&('v', 0)), "{events:?}");
+    assert_eq!(
+        events.iter().filter(|e| e.0 != 'a').count(),
+        2,
+        "{events:?}"
+    );
+    let total = events[0].1;
+    let read: u64 = events.iter().filter(|e| e.0 == 'a').map(|e| e.1).sum();
+    assert_eq!(total, report.bytes, "planned bytes = bytes read");
+    assert_eq!(read, total, "the bar ends full");
+    assert!(
+        events.len() > report.segments + 2,
+        "advances: {}",
+        events.len() - 2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merges_span_wal_restarts_and_restore_checks_every_part_inside() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod duration;
 mod http;
+mod progress;
 mod tools;
 
 use std::process::ExitCode;
@@ -645,12 +646,20 @@ async fn restore(a: RestoreArgs) -> Result<ExitCode> {
         Some(t) => Some(parse_rfc3339(t)?),
         None => None,
     };
+    let bar = progress::RestoreBar::on_terminal();
     let opts = RestoreOptions {
         target_ms,
         parallelism: a.parallelism.max(1),
         overwrite: a.force,
+        progress: bar
+            .clone()
+            .map(|b| b as std::sync::Arc<dyn walship_engine::RestoreProgress>),
     };
-    match walship_engine::restore::restore(&replica, &output, &opts).await {
+    let result = walship_engine::restore::restore(&replica, &output, &opts).await;
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    match result {
         Ok(report) => {
             for (key, why) in &report.skipped {
                 eprintln!("skipped {key}: {why}");

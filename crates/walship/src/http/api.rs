@@ -390,6 +390,7 @@ async fn download(
         target_ms,
         parallelism: 4,
         overwrite: false,
+        progress: None,
     };
     // On a blocking thread driving the runtime: the restore future is not `Send` (its
     // closures borrow), which a handler's future must be.

@@ -57,6 +57,7 @@ pub async fn restore_to_temp(
         target_ms,
         parallelism: parallelism.max(1),
         overwrite: false,
+        progress: None,
     };
     // On a blocking thread of its own: the restore future cannot be proven `Send` inside
     // `tokio::spawn` (a higher-ranked lifetime in the engine's download stream), and the

@@ -39,6 +39,7 @@ pub async fn command(a: RestoreArgs) -> Result<ExitCode> {
         target_ms,
         parallelism: a.parallelism.max(1),
         overwrite: false,
+        progress: None,
     };
     let report = match walship_engine::restore::restore(&replica, &full, &opts).await {
         Ok(r) => r,
