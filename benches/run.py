@@ -1448,7 +1448,8 @@ class Harness:
                 # Who used the two cores while the snapshot uploaded: the writer, the
                 # replicator and (to S3) the loopback server, each in /proc's CPU ticks.
                 server = self.env.moto.proc.pid if backend == "s3" and self.env.moto else None
-                cpu0 = {"writer": cpu_ticks(w.pid),
+                # The replicator has not started yet: it has used nothing.
+                cpu0 = {"writer": cpu_ticks(w.pid), "replicator": 0.0,
                         "server": cpu_ticks(server) if server else None}
                 t_rep = time.time()
                 logp = self.work / f"{tag}.{tool.name}.log"
@@ -1456,9 +1457,8 @@ class Harness:
                 t_snap = wait_for_text(logp, tool.snapshot_done, 1800, proc)
                 cpu1 = {"writer": cpu_ticks(w.pid), "replicator": cpu_ticks(proc.pid),
                         "server": cpu_ticks(server) if server else None}
-                cpu0["replicator"] = 0.0
                 for who in ("writer", "replicator", "server"):
-                    a, b = cpu0.get(who), cpu1.get(who)
+                    a, b = cpu0[who], cpu1[who]
                     rec[f"snapshot_cpu_{who}"] = ((b - a) / max(1e-9, t_snap - t_rep)
                                                   if a is not None and b is not None else None)
                 we = stop(w)
