@@ -1,0 +1,9 @@
+//! End-to-end tests of walship's safety promises: a restore returns everything committed or
+//! says what it could not, and nothing a client or a misconfiguration does stops
+//! replication silently. One module per failure mode, each run against real processes, the
+//! bundled SQLite, a local directory and the local S3 server.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
+
+#[path = "../common/mod.rs"]
+mod common;
