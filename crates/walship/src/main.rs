@@ -1,11 +1,12 @@
 //! The `walship` command: replicate, restore, snapshot, generations.
 //!
-//! Only this file knows about signals and process exit codes; everything else is in the
-//! engine library.
+//! Only this file and `exec.rs` (the `--exec` command) know about signals and process exit
+//! codes; everything else is in the engine library.
 
 mod cli;
 mod config;
 mod duration;
+mod exec;
 mod http;
 mod progress;
 mod tools;
@@ -353,10 +354,7 @@ type TaskResult = Result<walship_engine::EngineResult<()>, tokio::task::JoinErro
 async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
     // Handlers first: a SIGTERM that arrives while the replicas are being checked must lead
     // to a clean start-and-stop (final sync, exit 0), not to death by the default action.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("install SIGINT handler")?;
+    let mut signals = exec::Signals::install()?;
     let pairs = replicate_pairs(&mut a).await?;
     check_reachable(&pairs).await?;
     // One token stops every replicator; each runs in its own task and span.
@@ -417,15 +415,14 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
             let _ = tokio::time::timeout(deadline, drain(&mut tasks, &labels)).await;
             return Err(e.context(format!("cannot replicate {}", labels[i])));
         }
-        _ = term.recv() => return stop_during_startup(cancel, tasks, labels, deadline).await,
-        _ = int.recv() => return stop_during_startup(cancel, tasks, labels, deadline).await,
+        _ = signals.recv() => return stop_during_startup(cancel, tasks, labels, deadline).await,
     }
     tracing::info!(pairs = labels.len(), "all replicators up");
     // Scheduled verification and the schema watch (tools::daemon), beside the replicators.
     let tool_tasks = tools::daemon::start(&a.tools, monitoring.state());
 
-    let mut child = match &a.exec {
-        Some(cmd) => Some(spawn_child(cmd)?),
+    let mut app = match &a.exec {
+        Some(cmd) => Some(exec::App::spawn(cmd)?),
         None => None,
     };
 
@@ -438,9 +435,13 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
     let mut last_error: Option<anyhow::Error> = None;
     let first = loop {
         tokio::select! {
-            _ = term.recv() => break First::Signal(libc::SIGTERM),
-            _ = int.recv() => break First::Signal(libc::SIGINT),
-            st = wait_child(&mut child) => break First::Child(st?),
+            sig = signals.recv() => match &app {
+                // SIGHUP may mean "reload" to the app: pass it on; its exit, if it exits,
+                // ends walship as any other exit of the app does.
+                Some(app) if sig == libc::SIGHUP => app.signal(sig),
+                _ => break First::Signal(sig),
+            },
+            st = wait_shell(&mut app) => break First::Child(st?),
             Some(joined) = tasks.join_next() => {
                 // A replicator stopped on its own (its lease was taken over, or it failed for
                 // good). The others go on; once none is left, stop the app too.
@@ -464,40 +465,53 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
             }
         }
     };
+    // The final sync starts only once no process of the app is left: whatever it commits
+    // before it exits (or is killed at the deadline) is in that sync.
     let mut child_status = None;
-    match first {
-        First::AllStopped(e) => {
-            if let Some(c) = child.as_mut() {
-                if let Some(pid) = c.id() {
-                    send_signal(pid, libc::SIGTERM);
-                }
-                let _ = c.wait().await;
+    match (first, app.as_mut()) {
+        (First::AllStopped(e), app) => {
+            if let Some(app) = app {
+                stop_app(app, libc::SIGTERM, deadline, &mut signals).await;
             }
             monitoring.stop().await;
             return Err(e);
         }
-        First::Child(st) => child_status = Some(st),
-        First::Signal(sig) => {
-            if let Some(c) = child.as_mut() {
-                if let Some(pid) = c.id() {
-                    send_signal(pid, sig);
-                }
-                // Wait for the app to exit, then make the final sync.
-                tokio::select! {
-                    st = c.wait() => child_status = Some(st.context("wait for the --exec command")?),
-                    _ = term.recv() => { eprintln!("second signal: exiting now"); return Ok(ExitCode::from(130)); }
-                    _ = int.recv() => { eprintln!("second signal: exiting now"); return Ok(ExitCode::from(130)); }
-                }
+        (First::Child(st), Some(app)) => {
+            if !app.is_gone() {
+                tracing::warn!(
+                    "the --exec command exited but processes of its group still run; stopping them before the final sync"
+                );
+                stop_app(app, libc::SIGTERM, deadline, &mut signals).await;
             }
+            child_status = Some(st);
         }
+        (First::Child(st), None) => child_status = Some(st),
+        (First::Signal(sig), Some(app)) => {
+            child_status = stop_app(app, sig, deadline, &mut signals).await;
+        }
+        (First::Signal(_), None) => {}
+    }
+    if let Some(st) = child_status {
+        tracing::info!(status = %st, "the --exec command is gone; making the final sync");
     }
     cancel.cancel();
     tool_tasks.stop().await;
-    let final_sync = tokio::time::timeout(deadline, drain(&mut tasks, &labels));
-    let outcome = tokio::select! {
-        r = final_sync => r,
-        _ = term.recv() => { eprintln!("second signal: exiting without a final sync"); return Ok(ExitCode::from(130)); }
-        _ = int.recv() => { eprintln!("second signal: exiting without a final sync"); return Ok(ExitCode::from(130)); }
+    let outcome = {
+        let final_sync = tokio::time::timeout(deadline, drain(&mut tasks, &labels));
+        tokio::pin!(final_sync);
+        loop {
+            tokio::select! {
+                r = &mut final_sync => break r,
+                sig = signals.recv() => {
+                    if sig == libc::SIGHUP {
+                        // A closed terminal: the final sync still matters.
+                        continue;
+                    }
+                    eprintln!("second signal: exiting without a final sync");
+                    return Ok(ExitCode::from(130));
+                }
+            }
+        }
     };
     monitoring.stop().await;
     match outcome {
@@ -601,28 +615,32 @@ async fn stop_during_startup(
     }
 }
 
-fn spawn_child(cmd: &str) -> Result<tokio::process::Child> {
-    tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd)
-        .kill_on_drop(false)
-        .spawn()
-        .with_context(|| format!("cannot start --exec command `{cmd}`"))
+/// Stops the app (see [`exec::App::stop`]); a failure to wait for it is logged, since the
+/// final sync comes next whatever happened.
+async fn stop_app(
+    app: &mut exec::App,
+    sig: i32,
+    deadline: Duration,
+    signals: &mut exec::Signals,
+) -> Option<std::process::ExitStatus> {
+    match app.stop(sig, deadline, signals).await {
+        Ok(st) => Some(st),
+        Err(e) => {
+            tracing::error!(error = %one_line(&e), "cannot wait for the --exec command");
+            None
+        }
+    }
 }
 
-async fn wait_child(child: &mut Option<tokio::process::Child>) -> Result<std::process::ExitStatus> {
-    match child {
-        Some(c) => Ok(c.wait().await.context("wait for the --exec command")?),
+async fn wait_shell(app: &mut Option<exec::App>) -> Result<std::process::ExitStatus> {
+    match app {
+        Some(app) => app.wait_shell().await,
         None => std::future::pending().await,
     }
 }
 
-fn send_signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions; the PID is our own child's.
-    #[allow(unsafe_code)]
-    let _ = unsafe { libc::kill(pid as i32, sig) };
-}
-
+/// The exit code for the `--exec` command's status: its own code, or 128 + N when it was
+/// killed by signal N (the shell's convention).
 fn exit_code_of(st: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
