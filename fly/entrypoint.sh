@@ -25,13 +25,16 @@
 #      unreachable, access denied, nothing consistent to restore) stops the boot here: starting
 #      the app on an empty database would fork the history, so we refuse and let the platform
 #      retry. See docs/runbook-emergency.md.
-#   2. `exec walship replicate DB URL --exec "APP"`: walship becomes the main process, starts the
-#      app after its first sync, forwards SIGTERM/SIGINT to it, and exits with the app's status
-#      after a final sync. Give the platform's kill timeout room for that sync (fly.toml uses 60 s).
+#   2. `exec walship replicate DB URL --exec "APP"`: walship replaces this shell as the main
+#      process (no shell stays in between to swallow signals), starts the app after its first
+#      sync in a process group of its own, forwards SIGTERM/SIGINT/SIGHUP to the whole group,
+#      makes a final sync once every process of the app has exited (SIGKILLing them after
+#      --shutdown-timeout, 30 s), and exits with the app's status. Give the platform's kill
+#      timeout room for the app's shutdown and that sync (fly.toml uses 60 s).
 #
-# The application command is handed to `--exec` as one string (the CLI contract). Arguments
-# that are not plain words are single-quoted (sh word rules), so arguments with spaces or
-# quotes survive walship's shell-word splitting of that string.
+# The application command is handed to `--exec` as one string (the CLI contract), which walship
+# runs with `/bin/sh -c`. Arguments that are not plain words are single-quoted (sh word rules),
+# so arguments with spaces or quotes survive the shell's word splitting of that string.
 
 set -eu
 

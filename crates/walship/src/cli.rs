@@ -244,8 +244,9 @@ pub struct ReplicateArgs {
     /// unset.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Run this command (through /bin/sh) once replication is up; forward signals to it;
-    /// exit with its status after a final sync.
+    /// Run this command (through /bin/sh, in a process group of its own) once replication
+    /// is up; SIGTERM, SIGINT and SIGHUP go to its whole group; once every process of it has
+    /// exited, make a final sync and exit with its status (128+N if killed by signal N).
     #[arg(long)]
     pub exec: Option<String>,
     /// Longest delay between a commit and its upload.
@@ -268,7 +269,8 @@ pub struct ReplicateArgs {
     /// The app's busy timeout must cover the wait: seconds under such a load
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_wal_mib: Option<u64>,
-    /// How long the final sync may take after SIGTERM/SIGINT.
+    /// After SIGTERM/SIGINT: how long the --exec command may take to exit (then its process
+    /// group is killed), and then how long the final sync may take.
     #[arg(long, default_value = "30s")]
     pub shutdown_timeout: Dur,
     /// Switch a database that is not in WAL mode to WAL instead of refusing it.

@@ -4,11 +4,13 @@
 //! Signals go to the whole group (`kill(-pgid, …)`), so they reach the application however
 //! the command is written: a shell that runs it as a child (dash does, even for a single
 //! command), a pipeline, a script that starts workers. The shell traps the forwarded signals
-//! with a no-op, so it waits for its command and exits with the command's status instead of
-//! dying at the first signal; the application's own disposition is untouched (traps are reset
-//! in a child at exec). [`App::stop`] waits until no process of the group is left, killing the
-//! group at a deadline: walship's final sync starts only after that, so nothing the
-//! application commits is left out of it.
+//! with `exit`: it does not die at the first signal but waits for its foreground command, then
+//! exits with that command's status (a trap's `exit` takes the status of the command before
+//! the trap) and runs nothing after it, so a restart loop ends too. The application's own
+//! dispositions are untouched: traps are reset to the default in a child at exec.
+//! [`App::stop`] waits until no process of the group is left, killing the group at a
+//! deadline: walship's final sync starts only after that, so nothing the application commits
+//! is left out of it.
 //!
 //! The group is not the terminal's foreground group: Ctrl-C on a terminal reaches walship,
 //! which forwards SIGINT to the group.
@@ -20,9 +22,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// Set before the command: the shell waits for its command when a forwarded signal arrives,
-/// rather than dying and leaving the command running. The command's own `trap` replaces it.
-const SHELL_PRELUDE: &str = "trap : INT TERM HUP; ";
+/// Set before the command: at a forwarded signal the shell lets its foreground command finish,
+/// then exits with its status, rather than dying at once with 128+N while the command still
+/// runs. A `trap` in the command replaces it.
+const SHELL_PRELUDE: &str = "trap exit INT TERM HUP; ";
 
 /// How often [`App::stop`] looks whether a process of the group is left.
 const POLL: Duration = Duration::from_millis(50);

@@ -159,6 +159,9 @@ enum Form {
     /// `python3 DIR/app.py ... & wait`: the shell's `wait` returns at the first signal and
     /// the shell exits, while the app is still shutting down.
     Background,
+    /// `while :; do python3 app.py ...; done`: a restart loop, which must not restart the
+    /// app once it stopped at a signal.
+    Loop,
 }
 
 /// One run of walship around the app, in a temporary directory.
@@ -196,6 +199,9 @@ impl Run {
         let cmd = match form {
             Form::AndList => format!("cd '{d_s}' && python3 app.py '{db_s}' '{d_s}' {mode}"),
             Form::Background => format!("python3 '{d_s}/app.py' '{db_s}' '{d_s}' {mode} & wait"),
+            Form::Loop => {
+                format!("while :; do python3 '{d_s}/app.py' '{db_s}' '{d_s}' {mode}; done")
+            }
         };
         let log = d.join("walship.log");
         let mut c = walship();
@@ -324,8 +330,8 @@ impl Drop for Run {
 
 /// SIGTERM to walship: the app behind a shell gets it, shuts down slowly and commits a
 /// last row; walship syncs after that and exits with the app's status (3).
-fn sigterm_reaches_the_app_and_the_final_sync_waits_for_it(url: String) {
-    let mut run = Run::start(url, Form::AndList, "exit", &[], None);
+fn sigterm_reaches_the_app_and_the_final_sync_waits_for_it(url: String, form: Form) {
+    let mut run = Run::start(url, form, "exit", &[], None);
     run.assert_app_behind_a_shell();
     run.signal_walship("-TERM");
     let st = run.wait();
@@ -355,12 +361,29 @@ fn sigterm_reaches_the_app_and_the_final_sync_waits_for_it(url: String) {
 #[test]
 fn exec_sigterm_reaches_an_app_behind_a_shell_and_the_final_sync_waits_for_it_file() {
     let dir = tempfile::tempdir().unwrap();
-    sigterm_reaches_the_app_and_the_final_sync_waits_for_it(file_url(&dir.path().join("rep")));
+    sigterm_reaches_the_app_and_the_final_sync_waits_for_it(
+        file_url(&dir.path().join("rep")),
+        Form::AndList,
+    );
 }
 
 #[test]
 fn exec_sigterm_reaches_an_app_behind_a_shell_and_the_final_sync_waits_for_it_s3() {
-    sigterm_reaches_the_app_and_the_final_sync_waits_for_it(s3_url("exec-term"));
+    sigterm_reaches_the_app_and_the_final_sync_waits_for_it(s3_url("exec-term"), Form::AndList);
+}
+
+#[test]
+fn exec_sigterm_ends_a_restart_loop_with_the_apps_status_file() {
+    let dir = tempfile::tempdir().unwrap();
+    sigterm_reaches_the_app_and_the_final_sync_waits_for_it(
+        file_url(&dir.path().join("rep")),
+        Form::Loop,
+    );
+}
+
+#[test]
+fn exec_sigterm_ends_a_restart_loop_with_the_apps_status_s3() {
+    sigterm_reaches_the_app_and_the_final_sync_waits_for_it(s3_url("exec-loop"), Form::Loop);
 }
 
 /// The app in the background of the shell (`app & wait`): at SIGTERM the shell's `wait`
