@@ -205,8 +205,13 @@ impl App {
 
 /// A process's state letter and process group, from `/proc/PID/stat`.
 fn proc_state(pid: u32) -> Option<(char, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may hold spaces and parentheses: fields follow the last `)`.
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The state letter and process group of a `/proc/PID/stat` line.
+fn parse_stat(stat: &str) -> Option<(char, i32)> {
+    // The command name, in parentheses, may hold spaces and parentheses: fields follow the
+    // last `)`: state, ppid, pgrp, ...
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
     let state = fields.next()?.chars().next()?;
     let pgrp = fields.nth(1)?.parse().ok()?;
@@ -238,5 +243,46 @@ fn reap_group(pgid: i32) {
         if pid == 0 {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_stat_reads_state_and_group_after_an_odd_command_name() {
+        assert_eq!(
+            parse_stat("4242 (python3) S 4241 4241 4241 0 -1 4194560 ..."),
+            Some(('S', 4241))
+        );
+        assert_eq!(parse_stat("77 (a) b (c) Z 1 70 70 0 -1"), Some(('Z', 70)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn stop_waits_for_the_command_and_returns_its_status() {
+        let mut signals = Signals::install().unwrap();
+        // The shell runs `sleep` as a child; the signal reaches it through the group.
+        let mut app = App::spawn("sleep 30; echo not reached").unwrap();
+        let st = app
+            .stop(libc::SIGTERM, Duration::from_secs(30), &mut signals)
+            .await
+            .unwrap();
+        assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{st}");
+        assert!(app.is_gone());
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_group_at_the_deadline() {
+        let mut signals = Signals::install().unwrap();
+        // SIGTERM ignored by the shell and, inherited, by `sleep`.
+        let mut app = App::spawn("trap '' TERM; sleep 30").unwrap();
+        let st = app
+            .stop(libc::SIGTERM, Duration::from_millis(300), &mut signals)
+            .await
+            .unwrap();
+        assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
+        assert!(app.is_gone());
     }
 }
