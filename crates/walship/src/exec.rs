@@ -260,11 +260,28 @@ mod tests {
         assert_eq!(parse_stat("garbage"), None);
     }
 
+    /// Waits until `sleep` runs in the app's group (the shell is past its trap and the
+    /// signal will find the command running).
+    async fn sleep_runs(app: &App) {
+        let running = || {
+            std::fs::read_dir("/proc").unwrap().any(|e| {
+                let Ok(stat) = std::fs::read_to_string(e.unwrap().path().join("stat")) else {
+                    return false;
+                };
+                stat.contains("(sleep)") && parse_stat(&stat).is_some_and(|(_, g)| g == app.pgid)
+            })
+        };
+        while !running() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn stop_waits_for_the_command_and_returns_its_status() {
         let mut signals = Signals::install().unwrap();
         // The shell runs `sleep` as a child; the signal reaches it through the group.
         let mut app = App::spawn("sleep 30; echo not reached").unwrap();
+        sleep_runs(&app).await;
         let st = app
             .stop(libc::SIGTERM, Duration::from_secs(30), &mut signals)
             .await
@@ -278,6 +295,7 @@ mod tests {
         let mut signals = Signals::install().unwrap();
         // SIGTERM ignored by the shell and, inherited, by `sleep`.
         let mut app = App::spawn("trap '' TERM; sleep 30").unwrap();
+        sleep_runs(&app).await;
         let st = app
             .stop(libc::SIGTERM, Duration::from_millis(300), &mut signals)
             .await
