@@ -162,6 +162,9 @@ enum Form {
     /// `while :; do python3 app.py ...; done`: a restart loop, which must not restart the
     /// app once it stopped at a signal.
     Loop,
+    /// `python3 DIR/app.py ... & sleep 5; exit 5`: the command exits by itself, five seconds
+    /// in, and leaves the app running.
+    LeftBehind,
 }
 
 /// One run of walship around the app, in a temporary directory.
@@ -201,6 +204,9 @@ impl Run {
             Form::Background => format!("python3 '{d_s}/app.py' '{db_s}' '{d_s}' {mode} & wait"),
             Form::Loop => {
                 format!("while :; do python3 '{d_s}/app.py' '{db_s}' '{d_s}' {mode}; done")
+            }
+            Form::LeftBehind => {
+                format!("python3 '{d_s}/app.py' '{db_s}' '{d_s}' {mode} & sleep 5; exit 5")
             }
         };
         let log = d.join("walship.log");
@@ -426,6 +432,48 @@ fn exec_the_final_sync_waits_for_an_app_the_shell_left_behind_file() {
 #[test]
 fn exec_the_final_sync_waits_for_an_app_the_shell_left_behind_s3() {
     the_final_sync_waits_for_an_app_the_shell_left_behind(s3_url("exec-background"));
+}
+
+/// The command exits by itself (status 5) and leaves the app running: walship stops the app
+/// (SIGTERM to the group), waits for it, syncs, and exits with the command's status.
+fn an_app_left_behind_by_the_command_is_stopped_before_the_final_sync(url: String) {
+    let mut run = Run::start(url, Form::LeftBehind, "exit", &[], None);
+    run.assert_app_behind_a_shell();
+    let st = run.wait();
+    let term = run.marks("app.term");
+    assert!(
+        term.is_some(),
+        "walship did not stop the app the command left behind; log:\n{}",
+        tail(&run.log)
+    );
+    assert_eq!(
+        st.code(),
+        Some(5),
+        "walship's status; log:\n{}",
+        tail(&run.log)
+    );
+    run.assert_group_gone();
+    let out = run.assert_replica_equals_database();
+    let last: i64 = term.unwrap().parse().unwrap();
+    assert_eq!(
+        max_id(&out),
+        last,
+        "the app's last row is not in the replica"
+    );
+    std::mem::take(&mut run.pids.pids);
+}
+
+#[test]
+fn exec_an_app_left_behind_by_the_command_is_stopped_before_the_final_sync_file() {
+    let dir = tempfile::tempdir().unwrap();
+    an_app_left_behind_by_the_command_is_stopped_before_the_final_sync(file_url(
+        &dir.path().join("rep"),
+    ));
+}
+
+#[test]
+fn exec_an_app_left_behind_by_the_command_is_stopped_before_the_final_sync_s3() {
+    an_app_left_behind_by_the_command_is_stopped_before_the_final_sync(s3_url("exec-left"));
 }
 
 /// An app that ignores SIGTERM is killed (its whole group) at the shutdown deadline; the
