@@ -24,7 +24,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// Set before the command: at a forwarded signal the shell lets its foreground command finish,
 /// then exits with its status, rather than dying at once with 128+N while the command still
-/// runs. A `trap` in the command replaces it.
+/// runs (a signal between two commands exits with the status of the one before). A `trap` in
+/// the command replaces it.
 const SHELL_PRELUDE: &str = "trap exit INT TERM HUP; ";
 
 /// How often [`App::stop`] looks whether a process of the group is left.
