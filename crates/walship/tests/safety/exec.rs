@@ -597,3 +597,40 @@ fn exec_on_a_terminal_sighup_is_passed_on_and_ctrl_c_stops_the_app_file() {
 fn exec_on_a_terminal_sighup_is_passed_on_and_ctrl_c_stops_the_app_s3() {
     on_a_terminal_sighup_is_passed_on_and_ctrl_c_stops_the_app(s3_url("exec-tty"));
 }
+
+/// Without `--exec`, SIGHUP (a closed terminal) stops walship as SIGTERM does: rows committed
+/// before it are shipped by the final sync, and walship exits 0.
+fn without_exec_sighup_stops_walship_after_a_final_sync(url: String) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let c = Connection::open(&db).unwrap();
+    c.pragma_update(None, "journal_mode", "wal").unwrap();
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        .unwrap();
+    let log = dir.path().join("walship.log");
+    let mut rep = Replicator::start(&db, &url, &["--sync-interval", "1h"], &log);
+    wait_for(Duration::from_secs(60), "the first sync", &log, || {
+        std::fs::read_to_string(&log).is_ok_and(|s| s.contains("all replicators up"))
+    });
+    for i in 1..=20 {
+        c.execute("INSERT INTO t(id, v) VALUES (?1, 'row')", [i])
+            .unwrap();
+    }
+    signal(&rep.child, "-HUP");
+    let st = wait_exit(&mut rep.child, Duration::from_secs(120), &log);
+    assert_eq!(st.code(), Some(0), "walship's status; log:\n{}", tail(&log));
+    let out = dir.path().join("restored.db");
+    restore_ok(&url, &out);
+    assert_eq!(count(&out, "1"), 20);
+}
+
+#[test]
+fn replicate_without_exec_makes_a_final_sync_on_sighup_file() {
+    let dir = tempfile::tempdir().unwrap();
+    without_exec_sighup_stops_walship_after_a_final_sync(file_url(&dir.path().join("rep")));
+}
+
+#[test]
+fn replicate_without_exec_makes_a_final_sync_on_sighup_s3() {
+    without_exec_sighup_stops_walship_after_a_final_sync(s3_url("exec-none-hup"));
+}
