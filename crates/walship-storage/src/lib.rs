@@ -55,7 +55,7 @@ pub use crate::fault::{CallCounts, CallKind, Fault, FaultPlan, FaultStore};
 pub use crate::local::LocalStore;
 pub use crate::retry::{RetryPolicy, RetryStore};
 pub use crate::s3::{ChecksumMode, S3Options, S3Store, ServerSideEncryption, StaticCredentials};
-pub use crate::url::ReplicaUrl;
+pub use crate::url::{ReplicaUrl, redact_url, validate_endpoint};
 
 /// A stream of byte chunks: the body of a get, or of a streamed put.
 pub type ByteStream = Pin<Box<dyn Stream<Item = StorageResult<Bytes>> + Send + 'static>>;

@@ -211,7 +211,11 @@ impl S3Store {
                 opts.part_size
             )));
         }
-        let endpoint = endpoint.clone().or_else(|| opts.endpoint.clone());
+        // Checked here too, for stores built without parsing a URL: no credentials.
+        let endpoint = match endpoint.clone().or_else(|| opts.endpoint.clone()) {
+            Some(e) => Some(crate::url::validate_endpoint(&e).map_err(invalid)?),
+            None => None,
+        };
         let region = match region.clone().or_else(|| opts.region.clone()) {
             Some(r) => Region::new(r),
             None => resolve_region(endpoint.is_some()).await.ok_or_else(|| {

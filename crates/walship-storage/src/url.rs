@@ -4,6 +4,9 @@
 //! [`ReplicaUrl`] parses with [`str::parse`] and prints back with [`std::fmt::Display`]; the
 //! printed form parses to the same value. Malformed URLs fail with
 //! [`StorageError::InvalidUrl`], whose reason says how to write the URL instead.
+//!
+//! Credentials never belong in a URL: `user:secret@` before the bucket, and any `@` in the
+//! endpoint, are refused, and an error never echoes them ([`redact_url`] masks them first).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -37,11 +40,49 @@ pub enum ReplicaUrl {
 
 const S3_KEYS: &str = "endpoint, region, force-path-style";
 
+/// What to do instead of writing credentials into a URL.
+const NO_CREDENTIALS_IN_URL: &str = "credentials do not belong in the URL: remove `user:secret@` \
+     and use access-key-id/secret-access-key in walship.toml, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY \
+     in the environment, a profile, or web identity";
+
+/// What to do instead of writing credentials into an endpoint.
+const NO_CREDENTIALS_IN_ENDPOINT: &str = "credentials do not belong in the endpoint: remove \
+     `user:password@` and use access-key-id/secret-access-key in walship.toml or \
+     AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment";
+
 fn invalid(url: &str, reason: impl Into<String>) -> StorageError {
     StorageError::InvalidUrl {
-        url: url.to_string(),
+        url: redact_url(url),
         reason: reason.into(),
     }
+}
+
+/// `url` as it may be shown in a message: everything between `://` (or the start) and the
+/// last `@` before the query is masked, and so is the whole query when it holds an `@`
+/// (raw or percent-encoded), since a password may itself hold `/`, `&` or `@`.
+pub fn redact_url(url: &str) -> String {
+    let (main, query) = match url.split_once('?') {
+        Some((m, q)) => (m, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match main.rfind('@') {
+        Some(at) => {
+            let start = main.find("://").map_or(0, |i| i + 3);
+            let start = if at >= start { start } else { 0 };
+            format!("{}***{}", &main[..start], &main[at..])
+        }
+        None => main.to_string(),
+    };
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(if holds_at(q) { "***" } else { q });
+    }
+    out
+}
+
+/// True when `s` holds `@`, raw or percent-encoded (`%40`).
+fn holds_at(s: &str) -> bool {
+    s.contains('@') || s.to_ascii_lowercase().contains("%40")
 }
 
 impl FromStr for ReplicaUrl {
@@ -59,9 +100,10 @@ impl FromStr for ReplicaUrl {
             return Err(invalid(s, "leading or trailing whitespace in the URL"));
         }
         let Some((scheme, _)) = s.split_once("://") else {
-            let hint = if s.starts_with('/') {
-                format!("a bare path is not a replica URL: write file://{s}")
-            } else if let Some(rest) = s.strip_prefix("file:") {
+            let shown = redact_url(s);
+            let hint = if shown.starts_with('/') {
+                format!("a bare path is not a replica URL: write file://{shown}")
+            } else if let Some(rest) = shown.strip_prefix("file:") {
                 format!(
                     "file URLs need an absolute path after `file://`, e.g. file:///{}",
                     rest.trim_start_matches('/')
@@ -92,6 +134,10 @@ fn parse_file(s: &str) -> Result<ReplicaUrl, StorageError> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
+    // `user:secret@host`, also when the secret holds a `/`.
+    if host.contains('@') || (host.contains(':') && path.contains('@')) {
+        return Err(invalid(s, NO_CREDENTIALS_IN_URL));
+    }
     if !host.is_empty() && !host.eq_ignore_ascii_case("localhost") {
         return Err(invalid(
             s,
@@ -158,12 +204,9 @@ fn parse_s3(s: &str) -> Result<ReplicaUrl, StorageError> {
         Some(i) => (&before_query[..i], &before_query[i..]),
         None => (before_query, ""),
     };
-    if authority.contains('@') {
-        return Err(invalid(
-            s,
-            "credentials do not belong in the URL: remove `user:secret@` and use \
-             AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or web identity",
-        ));
+    // `key:secret@bucket`, also when the secret holds a `/` (AWS secrets do).
+    if authority.contains('@') || (authority.contains(':') && path.contains('@')) {
+        return Err(invalid(s, NO_CREDENTIALS_IN_URL));
     }
     if authority.is_empty() {
         return Err(invalid(
@@ -211,6 +254,19 @@ fn parse_s3(s: &str) -> Result<ReplicaUrl, StorageError> {
     let mut region = None;
     let mut force_path_style = None;
     if let Some(query) = query {
+        if holds_at(query) {
+            let endpoint = query.split('&').any(|p| {
+                query_decode(p.split('=').next().unwrap_or("")).as_deref() == Some("endpoint")
+            });
+            return Err(invalid(
+                s,
+                if endpoint {
+                    NO_CREDENTIALS_IN_ENDPOINT
+                } else {
+                    NO_CREDENTIALS_IN_URL
+                },
+            ));
+        }
         for pair in query.split('&') {
             if pair.is_empty() {
                 continue;
@@ -298,7 +354,13 @@ fn validate_bucket(bucket: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_endpoint(value: &str) -> Result<String, String> {
+/// Checks an S3 endpoint (`http://host:port` or `https://host`) and returns it without a
+/// trailing `/`. Credentials are refused before anything else, and the error then does not
+/// echo the value; any `@` counts as credentials.
+pub fn validate_endpoint(value: &str) -> Result<String, String> {
+    if holds_at(value) {
+        return Err(NO_CREDENTIALS_IN_ENDPOINT.to_string());
+    }
     let parsed = url::Url::parse(value).map_err(|e| {
         format!("endpoint `{value}` is not a URL ({e}): write e.g. endpoint=http://127.0.0.1:9000")
     })?;
@@ -311,10 +373,7 @@ fn validate_endpoint(value: &str) -> Result<String, String> {
         return Err(format!("endpoint `{value}` has no host"));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(
-            "credentials do not belong in the endpoint: use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-                .to_string(),
-        );
+        return Err(NO_CREDENTIALS_IN_ENDPOINT.to_string());
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(format!(
@@ -384,7 +443,9 @@ impl fmt::Display for ReplicaUrl {
                 }
                 let mut sep = '?';
                 if let Some(endpoint) = endpoint {
-                    write!(f, "{sep}endpoint={}", percent_encode(endpoint, b":/@"))?;
+                    // An endpoint built by hand with credentials in it is never printed.
+                    let shown = if holds_at(endpoint) { "***" } else { endpoint };
+                    write!(f, "{sep}endpoint={}", percent_encode(shown, b":/*"))?;
                     sep = '&';
                 }
                 if let Some(region) = region {
@@ -412,7 +473,7 @@ mod tests {
     fn reason(s: &str) -> String {
         match parse(s) {
             Err(StorageError::InvalidUrl { url, reason }) => {
-                assert_eq!(url, s);
+                assert_eq!(url, redact_url(s));
                 reason
             }
             other => panic!("`{s}` should be refused, got {other:?}"),
@@ -550,6 +611,96 @@ mod tests {
             let r = reason(url);
             assert!(r.contains(needle), "`{url}`: reason `{r}` lacks `{needle}`");
         }
+    }
+
+    #[test]
+    fn credentials_are_refused_and_never_echoed() {
+        // (url, what the reason must say)
+        let table = [
+            ("s3://AKQ7ID:Zs9Qx@bucket/x", "access-key-id"),
+            ("s3://AKQ7ID:Zs9/Qx@bucket/x", "access-key-id"),
+            ("s3://AKQ7ID:Zs9/Q@x@bucket/x", "access-key-id"),
+            ("s3://AKQ7ID@bucket", "access-key-id"),
+            ("AKQ7ID:Zs9Qx@bucket/x", "missing scheme"),
+            ("/AKQ7ID:Zs9Qx@bucket/x", "file://"),
+            ("file://AKQ7ID:Zs9Qx@host/dir", "access-key-id"),
+            ("file://AKQ7ID:Zs9/Qx@host/dir", "access-key-id"),
+            ("gs://AKQ7ID:Zs9Qx@bucket/x", "unsupported scheme"),
+            (
+                "s3://b/p?endpoint=http://AKQ7ID:Zs9Qx@127.0.0.1:9000",
+                "endpoint",
+            ),
+            (
+                "s3://b/p?endpoint=http://AKQ7ID:Zs9/Qx@127.0.0.1:9000",
+                "endpoint",
+            ),
+            (
+                "s3://b/p?endpoint=http://AKQ7ID:Zs9&Qx@127.0.0.1:9000",
+                "credentials",
+            ),
+            (
+                "s3://b?region=us-east-1&endpoint=http%3A%2F%2FAKQ7ID%3AZs9Qx%40127.0.0.1%3A9000",
+                "endpoint",
+            ),
+            ("s3://b?endpoint=AKQ7ID:Zs9Qx@127.0.0.1:9000", "endpoint"),
+            ("s3://b?region=AKQ7ID:Zs9Qx@x", "credentials"),
+        ];
+        for (url, needle) in table {
+            let msg = parse(url).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains(needle), "`{url}`: `{msg}` lacks `{needle}`");
+            for secret in ["AKQ7", "Zs9", "Qx"] {
+                assert!(!msg.contains(secret), "`{url}`: `{msg}` echoes `{secret}`");
+            }
+        }
+    }
+
+    #[test]
+    fn an_endpoint_with_credentials_is_refused_without_echo() {
+        for e in [
+            "http://usrQ7:Zs9Qx@127.0.0.1:9000",
+            "https://usrQ7@host",
+            "usrQ7:Zs9Qx@host:9000",
+            "http://usrQ7:Zs9%40Qx@host",
+        ] {
+            let msg = validate_endpoint(e).err().unwrap_or_default();
+            assert!(
+                msg.contains("access-key-id") && msg.contains("AWS_SECRET_ACCESS_KEY"),
+                "{e}: {msg}"
+            );
+            assert!(!msg.contains("Zs9") && !msg.contains("usrQ7"), "{e}: {msg}");
+        }
+        assert_eq!(
+            validate_endpoint("http://127.0.0.1:9000/").ok().as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+    }
+
+    #[test]
+    fn redact_masks_userinfo_and_a_query_holding_an_at() {
+        for (url, shown) in [
+            ("s3://bucket/a", "s3://bucket/a"),
+            ("s3://k:s@bucket/a", "s3://***@bucket/a"),
+            ("s3://k:s/t@bucket/a?region=x", "s3://***@bucket/a?region=x"),
+            ("s3://b?endpoint=http://u:p@h", "s3://b?***"),
+            ("s3://b?endpoint=http%3A%2F%2Fu%3Ap%40h", "s3://b?***"),
+            ("k:s@bucket", "***@bucket"),
+            ("a@b://c", "***@b://c"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn display_never_prints_an_endpoint_with_credentials() {
+        let url = ReplicaUrl::S3 {
+            bucket: "b".into(),
+            prefix: String::new(),
+            endpoint: Some("http://u:SECRETXX@h".into()),
+            region: None,
+            force_path_style: None,
+        };
+        let shown = url.to_string();
+        assert!(!shown.contains("SECRETXX"), "{shown}");
     }
 
     #[test]

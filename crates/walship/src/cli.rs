@@ -168,6 +168,7 @@ impl StoreArgs {
     pub fn keys(&self) -> anyhow::Result<Option<KeyRing>> {
         use anyhow::Context;
         let parse = |text: &str, origin: &str| {
+            crate::redact::register(text);
             Key::parse(text).with_context(|| format!("bad encryption key in {origin}"))
         };
         let write = match (

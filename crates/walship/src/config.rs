@@ -26,8 +26,9 @@ use crate::duration::Dur;
 /// The configuration file version this walship reads.
 pub const CONFIG_VERSION: u32 = 1;
 
-/// The file's shape, as written (after `${VAR}` expansion).
-#[derive(Debug, Deserialize)]
+/// The file's shape, as written (after `${VAR}` expansion). No `Debug`: it holds secrets
+/// in the clear.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawConfig {
     version: u32,
@@ -42,7 +43,7 @@ struct RawConfig {
     db: Vec<RawDb>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawDb {
     path: String,
@@ -78,7 +79,7 @@ enum RawOnConflict {
     Fail,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawReplica {
     url: String,
@@ -159,8 +160,9 @@ impl Default for Defaults {
     }
 }
 
-/// A loaded, checked configuration.
-#[derive(Debug, Clone)]
+/// A loaded, checked configuration. `Debug` shows neither the API token nor the webhook
+/// URLs.
+#[derive(Clone)]
 pub struct Config {
     /// The databases, in file order.
     pub dbs: Vec<DbConfig>,
@@ -170,6 +172,17 @@ pub struct Config {
     pub webhooks: Vec<String>,
     /// `api-token`: the admin API's bearer token.
     pub api_token: Option<ApiToken>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("dbs", &self.dbs)
+            .field("listen", &self.listen)
+            .field("webhooks", &self.webhooks.len())
+            .field("api_token", &self.api_token)
+            .finish()
+    }
 }
 
 /// A token that never prints.
@@ -316,6 +329,43 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
+/// Keys whose values are secrets: an error about one never shows its value.
+const SECRET_KEYS: &[&str] = &[
+    "access-key-id",
+    "secret-access-key",
+    "session-token",
+    "api-token",
+    "encryption-key",
+    "decryption-keys",
+    "webhook",
+];
+
+/// True when the key path (`db[0].replica[1].secret-access-key`, `webhook[0]`) names a secret.
+fn holds_secret(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    let last = last.split('[').next().unwrap_or(last);
+    SECRET_KEYS.contains(&last)
+}
+
+/// Tells the log writer about every secret in the file, so no log line shows one.
+fn register_secrets(raw: &RawConfig) {
+    use crate::redact::{register, register_url};
+    raw.api_token.iter().for_each(|t| register(t));
+    raw.webhook.iter().for_each(|u| register_url(u));
+    for r in raw.db.iter().flat_map(|d| &d.replica) {
+        [
+            &r.access_key_id,
+            &r.secret_access_key,
+            &r.session_token,
+            &r.encryption_key,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(&r.decryption_keys)
+        .for_each(|s| register(s));
+    }
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
@@ -355,6 +405,12 @@ impl Config {
         expand_value(&mut value, "", env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
+            if holds_secret(&path) {
+                // serde's message may quote the value.
+                return anyhow!(
+                    "{path}: not a string (the value is not shown: it may be a secret)"
+                );
+            }
             let inner = e.into_inner().to_string();
             let inner = inner.lines().next().unwrap_or_default().to_string();
             if path == "." || path.is_empty() {
@@ -363,6 +419,7 @@ impl Config {
                 anyhow!("{path}: {inner}")
             }
         })?;
+        register_secrets(&raw);
         Config::resolve(raw, source, defaults)
     }
 
@@ -568,6 +625,13 @@ fn resolve_replica(
             bail!("{kp}.{key}: only applies to s3:// replicas");
         }
     }
+    // Checked first: an error about an endpoint holding credentials must not show them.
+    let endpoint_key = r
+        .endpoint
+        .as_deref()
+        .map(walship_storage::validate_endpoint)
+        .transpose()
+        .map_err(|reason| anyhow!("{kp}.endpoint: {reason}"))?;
     if let ReplicaUrl::S3 {
         endpoint,
         region,
@@ -576,7 +640,7 @@ fn resolve_replica(
     } = &parsed
     {
         // The URL's query parameters and the keys must not disagree.
-        if let (Some(a), Some(b)) = (endpoint, &r.endpoint)
+        if let (Some(a), Some(b)) = (endpoint, &endpoint_key)
             && a != b
         {
             bail!("{kp}.endpoint: `{b}` differs from the url's endpoint `{a}` (set it once)");
@@ -592,15 +656,7 @@ fn resolve_replica(
             bail!("{kp}.force-path-style: differs from the url's force-path-style (set it once)");
         }
     }
-    if let Some(e) = &r.endpoint {
-        let ok = reqwest::Url::parse(e)
-            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .unwrap_or(false);
-        if !ok {
-            bail!("{kp}.endpoint: `{e}` is not an http:// or https:// URL");
-        }
-    }
-    s3.endpoint = r.endpoint;
+    s3.endpoint = endpoint_key;
     s3.region = r.region;
     s3.force_path_style = r.force_path_style;
     s3.credentials = match (r.access_key_id, r.secret_access_key) {
@@ -766,6 +822,60 @@ mod tests {
         let s = format!("{e:#}");
         assert!(!s.contains('\n'), "one line: {s}");
         s
+    }
+
+    #[test]
+    fn an_endpoint_with_credentials_is_refused_without_echo() {
+        for endpoint in [
+            "http://user:${R2_SECRET}@127.0.0.1:9000",
+            "https://${R2_SECRET}@acct.r2.cloudflarestorage.com",
+            "user:${R2_SECRET}@127.0.0.1:9000",
+        ] {
+            let e = err(&format!(
+                r#"version = 1
+[[db]]
+path = "/data/app.db"
+[[db.replica]]
+url = "s3://bucket/x"
+endpoint = "{endpoint}"
+"#
+            ));
+            assert!(
+                e.contains("db[0].replica[0].endpoint: credentials do not belong")
+                    && e.contains("access-key-id"),
+                "{e}"
+            );
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_mistyped_secret_key_is_named_but_its_value_is_not_shown() {
+        let e = err(r#"version = 1
+[[db]]
+path = "/data/app.db"
+[[db.replica]]
+url = "s3://bucket/x"
+access-key-id = "AKIDEXAMPLE"
+secret-access-key = 98765432109876
+"#);
+        assert!(e.contains("db[0].replica[0].secret-access-key"), "{e}");
+        assert!(!e.contains("98765432109876"), "{e}");
+    }
+
+    #[test]
+    fn debug_shows_no_webhook_url() {
+        let c = parse(
+            r#"version = 1
+webhook = ["https://hooks.example.com/services/T0/B0/${R2_SECRET}"]
+[[db]]
+path = "/data/app.db"
+[[db.replica]]
+url = "file:///backups/app"
+"#,
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("s3cr3t"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod duration;
 mod exec;
 mod http;
 mod progress;
+mod redact;
 mod tools;
 
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ fn tune_malloc(_long_running: bool) {}
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tune_malloc(matches!(cli.command, Command::Replicate(_)));
+    redact::register_env();
+    redact::install_panic_hook();
     init_logging(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -88,7 +91,7 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            eprintln!("error: {}", redact::scrub(&one_line(&e)));
             ExitCode::from(1)
         }
     }
@@ -110,18 +113,22 @@ fn one_line(e: &anyhow::Error) -> String {
     out.replace('\n', " ")
 }
 
+/// Logs to standard error through [`redact::Stderr`], with the AWS SDK capped at INFO by
+/// [`redact::sdk_cap`] whatever the filter says.
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_env("WALSHIP_LOG")
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(redact::Stderr);
     if cli.log_json {
-        builder.json().init();
+        builder.json().finish().with(redact::sdk_cap()).init();
     } else {
-        builder.init();
+        builder.finish().with(redact::sdk_cap()).init();
     }
 }
 

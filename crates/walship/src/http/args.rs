@@ -10,8 +10,9 @@ use clap::Args;
 use super::{Options, Thresholds};
 use crate::duration::Dur;
 
-/// `walship replicate` flags for the HTTP server and monitoring.
-#[derive(Debug, Clone, Args)]
+/// `walship replicate` flags for the HTTP server and monitoring. `Debug` shows neither the
+/// API token nor the webhook URLs.
+#[derive(Clone, Args)]
 pub struct HttpArgs {
     /// Serve /healthz, /health, /metrics, the admin API (/api/v1/) and the dashboard (/) on
     /// this address, e.g. 127.0.0.1:9090 (0.0.0.0:9090 for fly.io's health checks).
@@ -49,6 +50,17 @@ pub struct HttpArgs {
     pub state_dir: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for HttpArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpArgs")
+            .field("listen", &self.listen)
+            .field("api_token_file", &self.api_token_file)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("webhooks", &self.webhooks.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl HttpArgs {
     /// The options these flags give.
     pub fn options(&self, snapshot_interval: Duration) -> Result<Options> {
@@ -64,11 +76,17 @@ impl HttpArgs {
             }
             _ => None,
         };
-        for url in &self.webhooks {
+        for (i, url) in self.webhooks.iter().enumerate() {
+            crate::redact::register_url(url);
             let ok = reqwest::Url::parse(url)
                 .map(|u| matches!(u.scheme(), "http" | "https"))
                 .unwrap_or(false);
-            anyhow::ensure!(ok, "--webhook `{url}` is not an http:// or https:// URL");
+            // The URL is not shown: its path or query may hold a token.
+            anyhow::ensure!(
+                ok,
+                "--webhook number {} is not an http:// or https:// URL",
+                i + 1
+            );
         }
         let mut thresholds = Thresholds::for_snapshot_interval(snapshot_interval);
         thresholds.point_warn = self.health_warn_age.0;
@@ -99,6 +117,7 @@ fn read_token(path: &std::path::Path) -> Result<String> {
     let s = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read --api-token-file {}", path.display()))?;
     let t = s.trim().to_string();
+    crate::redact::register(&t);
     anyhow::ensure!(
         t.len() >= MIN_TOKEN_LEN,
         "the API token in {} is shorter than {MIN_TOKEN_LEN} characters (generate one with `openssl rand -hex 32`)",
