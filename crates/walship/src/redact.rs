@@ -5,7 +5,8 @@
 //! - [`sdk_cap`], a filter in front of every log filter: the AWS SDK's crates log each
 //!   request's headers (the session token, the signature) and the canonical request at trace
 //!   level, and the access key id at debug level, so their events are capped at INFO whatever
-//!   the user asks for (`WALSHIP_LOG=trace`, even `aws_sigv4=trace`). Temporary credentials
+//!   the user asks for (`WALSHIP_LOG=trace`, even `aws_sigv4=trace`; `aws_config` at WARN, its
+//!   INFO lines show the access key id of profile credentials). Temporary credentials
 //!   from STS never pass through walship's own code, so this cap is what keeps them out.
 //! - [`Stderr`], the log writer: every log line is scrubbed of every secret walship was given
 //!   before it is written; so are the final error line and panic messages. Secrets are
@@ -29,9 +30,13 @@ const MASK: &str = "<redacted>";
 /// still keep them out of errors and SDK logs.
 const MIN_LEN: usize = 8;
 
-/// Log targets whose events are capped at INFO (a target matches by prefix): every crate of
-/// the AWS SDK (`aws_sigv4`, `aws_smithy_runtime`, `aws_config`, `aws_sdk_s3`, ...).
-const CAPPED: &[&str] = &["aws_"];
+/// Log targets (matched by prefix, the longest match wins) and the most they may log: every
+/// crate of the AWS SDK (`aws_sigv4`, `aws_smithy_runtime`, `aws_sdk_s3`, ...) at INFO, and
+/// `aws_config`, whose INFO lines show the access key id of profile credentials, at WARN.
+const CAPPED: &[(&str, LevelFilter)] = &[
+    ("aws_", LevelFilter::INFO),
+    ("aws_config", LevelFilter::WARN),
+];
 
 static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
 
@@ -105,11 +110,11 @@ pub fn scrub(text: &str) -> String {
     out
 }
 
-/// The filter that caps the AWS SDK's logging at INFO; layered over the user's filter.
+/// The filter that caps the AWS SDK's logging ([`CAPPED`]); layered over the user's filter.
 pub fn sdk_cap() -> Targets {
     CAPPED.iter().fold(
         Targets::new().with_default(LevelFilter::TRACE),
-        |t, target| t.with_target(*target, LevelFilter::INFO),
+        |t, (target, level)| t.with_target(*target, *level),
     )
 }
 
@@ -199,8 +204,9 @@ mod tests {
         let cap = sdk_cap();
         assert!(!cap.would_enable("aws_sigv4::http_request::sign", &tracing::Level::TRACE));
         assert!(!cap.would_enable("aws_smithy_runtime::client", &tracing::Level::DEBUG));
+        assert!(cap.would_enable("aws_smithy_runtime::client", &tracing::Level::INFO));
         assert!(cap.would_enable("aws_config::meta", &tracing::Level::WARN));
-        assert!(cap.would_enable("aws_config::meta", &tracing::Level::INFO));
+        assert!(!cap.would_enable("aws_config::profile", &tracing::Level::INFO));
         assert!(cap.would_enable("walship_engine::replicate", &tracing::Level::TRACE));
     }
 }

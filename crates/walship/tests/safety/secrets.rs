@@ -34,6 +34,9 @@ const API_TOKEN_CFG: &str = "apiTokenFromConfig2b4d6f8a0c1e3a5c7e9";
 const HOOK_PASSWORD: &str = "hookPassw0rdQz3Wx8Lm";
 const HOOK_PATH: &str = "hookPathSecret4Kd8Lm2Nq6Vb";
 const HOOK_QUERY: &str = "hookQueryToken6Rt1Yu5Io9Pa";
+const PROFILE_AKID: &str = "AKIAPROFILEW3E5R7LEAK";
+const PROFILE_SECRET: &str = "profileSecretKey/W3e5+R7t9YuI1oP3aS5dF7g";
+const PROFILE_SESSION: &str = "IQoJprofileSessionTokenZ1x3C5/v7B+n9M2q4W==";
 const URL_AKID: &str = "AKIAURLM2N4B6V8LEAK";
 const URL_SECRET: &str = "urlSecretKey/M2n4+B6v8CxZ1aS3dF5gH7j";
 const ENDPOINT_PASSWORD: &str = "endpointPassw0rdJ4k6L8z";
@@ -214,6 +217,8 @@ fn last_lines(bytes: &[u8]) -> String {
 enum Creds {
     /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`.
     Env,
+    /// The default profile of this shared credentials file.
+    Profile(PathBuf),
     /// `AWS_ROLE_ARN` + `AWS_WEB_IDENTITY_TOKEN_FILE`, exchanged with moto's STS.
     WebIdentity { token_file: PathBuf, sts: String },
 }
@@ -253,6 +258,9 @@ impl Env {
                 c.env("AWS_ACCESS_KEY_ID", ENV_AKID)
                     .env("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
                     .env("AWS_SESSION_TOKEN", ENV_SESSION);
+            }
+            Creds::Profile(file) => {
+                c.env("AWS_SHARED_CREDENTIALS_FILE", file);
             }
             Creds::WebIdentity { token_file, sts } => {
                 c.env(
@@ -501,8 +509,9 @@ fn scrape(o: &mut Outputs, base: &str) {
 }
 
 /// Replication (walship.toml with static keys, the environment's keys, encryption keys, the
-/// API token file, a webhook with credentials), its status server, and every other command,
-/// all at trace level on the S3 server and a local directory: no secret in any output.
+/// API token file, a webhook with credentials), its status server, and every other command
+/// (with the environment's keys, and a profile's), all at trace level on the S3 server and a
+/// local directory: no secret in any output.
 #[test]
 fn no_secret_reaches_any_output_at_trace_level() {
     let moto = MotoServer::shared();
@@ -524,6 +533,9 @@ fn no_secret_reaches_any_output_at_trace_level() {
         ("the environment's access key id", ENV_AKID),
         ("the environment's secret", ENV_SECRET),
         ("the environment's session token", ENV_SESSION),
+        ("the profile's access key id", PROFILE_AKID),
+        ("the profile's secret", PROFILE_SECRET),
+        ("the profile's session token", PROFILE_SESSION),
         ("walship.toml's access key id", CFG_AKID),
         ("walship.toml's secret", CFG_SECRET),
         ("walship.toml's session token", CFG_SESSION),
@@ -698,6 +710,26 @@ encryption-key = "${{WS_KEY}}"
     for args in &runs {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         o.run_ok(&env, &args);
+    }
+    // Credentials from a profile file.
+    std::fs::write(
+        path("aws-credentials"),
+        format!(
+            "[default]\naws_access_key_id = {PROFILE_AKID}\naws_secret_access_key = {PROFILE_SECRET}\naws_session_token = {PROFILE_SESSION}\n"
+        ),
+    )
+    .unwrap();
+    let env_profile = Env {
+        home: dir.path().to_path_buf(),
+        creds: Creds::Profile(dir.path().join("aws-credentials")),
+        vars: Vec::new(),
+    };
+    for args in [
+        with_keys(&["generations", &cli_url]),
+        with_keys(&["restore", "-o", &path("r4.db"), &cli_url]),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        o.run_ok(&env_profile, &args);
     }
     // The daemon's replicas, read with the key from the environment.
     let env_key = Env {
