@@ -140,6 +140,19 @@ pub enum EngineError {
     /// A background task panicked or was aborted.
     #[error("internal task failed: {0}")]
     Task(String),
+
+    /// A restore did not reach everything the replica holds (a gap, a damaged newest
+    /// snapshot that forced an older point, a newer generation it could not restore) and
+    /// partial restores were not accepted: nothing was written.
+    #[error(
+        "partial restore refused: {}; nothing was written (pass --allow-partial to accept a \
+         partial restore)",
+        .report.gap.as_ref().map(|g| g.describe()).unwrap_or_default()
+    )]
+    Partial {
+        /// What the restore reached, and its gap.
+        report: Box<crate::restore::RestoreReport>,
+    },
 }
 
 impl EngineError {

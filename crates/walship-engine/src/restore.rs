@@ -1,6 +1,18 @@
 //! Restore: the newest snapshot of the usable generation with the newest object (at or
 //! before a target time), then every segment that continues it, verified and applied in order, into a
 //! temporary file that is checked and renamed into place only at the end.
+//!
+//! A restore that did not reach everything the replica holds at or before its target (a
+//! [`Gap`]: a missing or unusable segment, a damaged newest snapshot that forced an older
+//! point, a newer generation it could not restore) is partial: it says so in its report,
+//! and writes nothing unless [`RestoreOptions::allow_partial`] accepts it. [`plan`] tells,
+//! from the listing alone, what a restore would read.
+
+mod gap;
+mod plan;
+
+pub use gap::{Gap, disagreement, find_gap};
+pub use plan::{RestorePlan, plan};
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -47,6 +59,10 @@ pub struct RestoreOptions {
     pub overwrite: bool,
     /// Told how far the restore has got (a progress bar), if anyone asks.
     pub progress: Option<Arc<dyn RestoreProgress>>,
+    /// Write the output even when the restore is partial (objects exist beyond the point
+    /// it reached); otherwise a partial restore writes nothing and fails with
+    /// [`EngineError::Partial`].
+    pub allow_partial: bool,
 }
 
 impl Default for RestoreOptions {
@@ -56,6 +72,7 @@ impl Default for RestoreOptions {
             parallelism: 4,
             overwrite: false,
             progress: None,
+            allow_partial: false,
         }
     }
 }
@@ -100,6 +117,21 @@ pub struct RestoreReport {
     /// The segment at which the chain stopped early (it failed to verify, or was deleted
     /// while the restore ran, again and again), if any.
     pub stopped_at: Option<String>,
+    /// What the restore did not reach although the replica holds it (at or before the
+    /// target): `Some` makes the restore partial.
+    pub gap: Option<Gap>,
+}
+
+impl RestoreReport {
+    /// Whether objects exist beyond the point restored ([`RestoreReport::gap`]).
+    pub fn partial(&self) -> bool {
+        self.gap.is_some()
+    }
+
+    /// Objects applied: the snapshot and the segments.
+    pub fn objects_applied(&self) -> usize {
+        self.segments + usize::from(!self.snapshot.is_empty())
+    }
 }
 
 /// Restores the replica into `output`.
@@ -134,6 +166,9 @@ async fn restore_listed(
     }
     let target = opts.target_ms.unwrap_or(i64::MAX);
     let mut skipped: Vec<(String, String)> = Vec::new();
+    // Generations tried before the one restored, that restored nothing: their objects lie
+    // beyond the point restored.
+    let mut ahead: Vec<crate::replica::GenerationObjects> = Vec::new();
     for (generation, objs) in by_recency(replica, target).await? {
         for f in &objs.foreign {
             tracing::debug!(key = %f, "ignoring an object that is not walship's");
@@ -176,7 +211,7 @@ async fn restore_listed(
                 )
                 .await
                 {
-                    Ok(Attempt::Done(report)) => break Ok(report),
+                    Ok(Attempt::Done(report, tmp)) => break Ok((*report, tmp)),
                     Ok(Attempt::Gone { key }) => {
                         tracing::warn!(%key, "a segment disappeared during the restore; listing the replica again");
                         return Ok(None);
@@ -190,15 +225,30 @@ async fn restore_listed(
                 }
             };
             match result {
-                Ok(mut report) => {
+                Ok((mut report, tmp)) => {
                     skipped.append(&mut report.skipped);
                     skipped.sort();
                     skipped.dedup();
                     report.skipped = skipped;
-                    report.elapsed_ms = t0.elapsed().as_millis() as u64;
                     for (key, why) in &report.skipped {
                         tracing::warn!(%key, reason = %why, "skipped");
                     }
+                    report.gap = find_gap(report.position, &objs, &ahead, target);
+                    if let Some(gap) = &report.gap {
+                        tracing::warn!(
+                            generation = %generation, position = gap.from, beyond = gap.beyond.len(),
+                            first = %gap.beyond[0], "partial restore: objects exist beyond the point restored"
+                        );
+                        if !opts.allow_partial {
+                            drop(tmp);
+                            report.elapsed_ms = t0.elapsed().as_millis() as u64;
+                            return Err(EngineError::Partial {
+                                report: Box::new(report),
+                            });
+                        }
+                    }
+                    install(tmp, output, opts.overwrite)?;
+                    report.elapsed_ms = t0.elapsed().as_millis() as u64;
                     tracing::info!(
                         generation = %generation, position = report.position, segments = report.segments,
                         bytes = report.bytes, elapsed_ms = report.elapsed_ms, "restored"
@@ -216,6 +266,7 @@ async fn restore_listed(
                 Err(e) => return Err(e),
             }
         }
+        ahead.push(objs);
     }
     if let Some((key, why)) = skipped.first() {
         tracing::error!(%key, reason = %why, skipped = skipped.len(), "no usable snapshot");
@@ -288,8 +339,8 @@ struct OnStop<'a> {
 
 /// How an attempt from one snapshot ended.
 enum Attempt {
-    /// Restored into the output.
-    Done(RestoreReport),
+    /// Restored and verified in a temporary file, to be moved into place.
+    Done(Box<RestoreReport>, TempOutput),
     /// The segment `key` was unusable at `reached`, and a chain without it goes further:
     /// nothing was written to the output.
     Avoid {
@@ -356,6 +407,7 @@ async fn attempt(
     let body = download(store.clone(), snap.name.clone());
     let tmp_path = tmp.path.clone();
     let key = snap.name.clone();
+    let snap_key = snap.key;
     let keys = replica.keys().cloned();
     let counted = progress.clone();
     let (header, bytes) = run_blocking_with_stream(body, move |reader| {
@@ -366,10 +418,10 @@ async fn attempt(
         let mut r = ObjectReader::with_keys(reader, keys.as_deref())
             .map_err(|source| EngineError::decoding(&key, source))?;
         let h = *r.header();
-        if h.kind != Kind::Snapshot || h.generation != generation.0 {
+        if let Some(why) = disagreement(&snap_key, &h) {
             return Err(EngineError::Corrupt {
                 key: key.clone(),
-                source: FormatError::corrupt("header does not match its key"),
+                source: FormatError::corrupt(&why),
             });
         }
         let f =
@@ -387,14 +439,6 @@ async fn attempt(
         Ok(h)
     })
     .await?;
-    if let ObjectKey::Snapshot { position, .. } = snap.key
-        && position != header.end
-    {
-        return Err(EngineError::Corrupt {
-            key: snap.name.clone(),
-            source: FormatError::corrupt("position does not match its key"),
-        });
-    }
     report.bytes += bytes;
     let t_snap = Instant::now();
     tracing::debug!(key = %snap.name, bytes, elapsed_ms = t_start.elapsed().as_millis() as u64, "snapshot written");
@@ -430,6 +474,7 @@ async fn attempt(
         let body = obj.body;
         let file2 = file.clone();
         let key = name.clone();
+        let listed = chain.iter().find(|l| l.name == name).map(|l| l.key);
         let expect_start = report.position;
         let keys = replica.keys().cloned();
         let buf = std::mem::take(&mut spool_buf);
@@ -438,6 +483,7 @@ async fn attempt(
                 reader,
                 keys.as_deref(),
                 &key,
+                listed,
                 generation,
                 expect_start,
                 page_size,
@@ -526,7 +572,12 @@ async fn attempt(
         elapsed_ms = t_check.elapsed().as_millis() as u64,
         "integrity check passed"
     );
-    if output.exists() && !opts.overwrite {
+    Ok(Attempt::Done(Box::new(report), tmp))
+}
+
+/// Moves a verified restore into place at `output` (removing a stale `-wal` and `-shm`).
+fn install(tmp: TempOutput, output: &Path, overwrite: bool) -> EngineResult<()> {
+    if output.exists() && !overwrite {
         return Err(EngineError::OutputExists {
             path: output.to_path_buf(),
         });
@@ -548,10 +599,14 @@ async fn attempt(
     })?;
     let mut tmp = tmp;
     tmp.keep = true;
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(Attempt::Done(report))
+    Ok(())
 }
 
 /// Why a segment listed at the start was not applied: it was deleted meanwhile.
@@ -772,10 +827,12 @@ impl Pages {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn read_segment(
     reader: &mut ChannelReader,
     keys: Option<&KeyRing>,
     key: &str,
+    listed: Option<ObjectKey>,
     generation: GenerationId,
     expect_start: u64,
     page_size: u32,
@@ -788,6 +845,13 @@ fn read_segment(
     let mut r = ObjectReader::with_keys(reader, keys)
         .map_err(|source| EngineError::decoding(key, source))?;
     let h = *r.header();
+    let why = match listed {
+        Some(k) => disagreement(&k, &h),
+        None => Some("not a segment key".to_string()),
+    };
+    if let Some(why) = why {
+        return Err(corrupt(&why));
+    }
     // A merged segment may start before the position it is applied at (see
     // `replica::chain`); it must reach past it.
     if !h.kind.has_frames()

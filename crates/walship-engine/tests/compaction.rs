@@ -426,7 +426,27 @@ async fn merges_span_wal_restarts_and_restore_checks_every_part_inside() {
     h.flags = walship_format::object::FLAG_LZ4;
     let forged = walship_format::object::encode_to_vec(&h, &raw2).unwrap();
     std::fs::write(&path, forged).unwrap();
-    let report = restore(&replica, &out, None).await;
+    // Its parts are deleted: the history it held is missing, and the restore is partial.
+    let _ = std::fs::remove_file(&out);
+    let refused = walship_engine::restore::restore(&replica, &out, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, walship_engine::EngineError::Partial { report } if report.partial()),
+        "{refused}"
+    );
+    let _ = std::fs::remove_file(&out);
+    let report = walship_engine::restore::restore(
+        &replica,
+        &out,
+        &RestoreOptions {
+            allow_partial: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.partial());
     assert!(
         report
             .skipped

@@ -183,7 +183,27 @@ async fn a_half_written_object_is_never_restored_as_whole() {
     cancel.cancel();
     task.await.unwrap().unwrap();
     let out = dir.path().join("out.db");
-    let report = restore_to(&s.plain, &out).await;
+    // The segments after it are history the restore cannot reach: partial, refused
+    // unless accepted.
+    let refused = walship_engine::restore::restore(&s.plain, &out, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, walship_engine::EngineError::Partial { report } if report.partial()),
+        "{refused}"
+    );
+    assert!(!out.exists());
+    let report = walship_engine::restore::restore(
+        &s.plain,
+        &out,
+        &RestoreOptions {
+            allow_partial: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.partial());
     assert!(
         !report.skipped.is_empty(),
         "the truncated segment must be reported"

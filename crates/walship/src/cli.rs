@@ -322,6 +322,20 @@ pub struct RestoreArgs {
     /// Downloads in flight at once.
     #[arg(long, default_value_t = 4)]
     pub parallelism: usize,
+    /// Accept a partial restore: write OUTPUT and exit 0 even though objects exist beyond
+    /// the point restored (a missing or damaged segment, a damaged newest snapshot that
+    /// forced an older point). The result line and --json still say what is missing.
+    /// Without it, a partial restore writes nothing and exits 3.
+    #[arg(long)]
+    pub allow_partial: bool,
+    /// Print the result as one JSON object on stdout (generation, position, time, objects
+    /// applied and skipped, partial and the gap).
+    #[arg(long, conflicts_with = "table")]
+    pub json: bool,
+    /// Print the plan (snapshot, segments, sizes, gaps) from the listing and write nothing;
+    /// exits 3 when the plan has a gap and --allow-partial is not given.
+    #[arg(long, conflicts_with = "table")]
+    pub dry_run: bool,
     /// The replica: file:///dir or s3://bucket/prefix?...
     pub replica_url: String,
     #[command(flatten)]

@@ -10,6 +10,7 @@ mod exec;
 mod http;
 mod progress;
 mod redact;
+mod restore_result;
 mod tools;
 
 use std::process::ExitCode;
@@ -657,10 +658,51 @@ fn exit_code_of(st: std::process::ExitStatus) -> ExitCode {
     }
 }
 
+/// Exit status of a restore that was partial and not accepted with `--allow-partial`
+/// (nothing was written), and of a `--dry-run` whose plan has a gap.
+const EXIT_PARTIAL: u8 = 3;
+
 async fn restore(a: RestoreArgs) -> Result<ExitCode> {
+    let (json, output) = (a.json, a.output.clone());
+    let r = restore_run(a).await;
+    if let Err(e) = &r {
+        if json {
+            print_json(&restore_result::nothing_json(&output, &one_line(e), true))?;
+        }
+        // A partial restore refused (by `--table`, which reports through its error).
+        let partial = e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<walship_engine::EngineError>(),
+                Some(walship_engine::EngineError::Partial { .. })
+            )
+        });
+        if partial {
+            eprintln!("error: {}", one_line(e));
+            return Ok(ExitCode::from(EXIT_PARTIAL));
+        }
+    }
+    r
+}
+
+/// Prints one JSON value on stdout.
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}")?;
+    Ok(())
+}
+
+async fn restore_run(a: RestoreArgs) -> Result<ExitCode> {
     let output = a.output.clone();
     if a.if_db_not_exists && output.exists() {
         eprintln!("{} already exists; nothing to restore", output.display());
+        if a.json {
+            print_json(&restore_result::nothing_json(
+                &output,
+                "the output exists (--if-db-not-exists)",
+                false,
+            ))?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     if !a.table.is_empty() {
@@ -671,6 +713,9 @@ async fn restore(a: RestoreArgs) -> Result<ExitCode> {
         Some(t) => Some(parse_rfc3339(t)?),
         None => None,
     };
+    if a.dry_run {
+        return restore_dry_run(&a, &replica, target_ms).await;
+    }
     let bar = progress::RestoreBar::on_terminal();
     let opts = RestoreOptions {
         target_ms,
@@ -679,6 +724,7 @@ async fn restore(a: RestoreArgs) -> Result<ExitCode> {
         progress: bar
             .clone()
             .map(|b| b as std::sync::Arc<dyn walship_engine::RestoreProgress>),
+        allow_partial: a.allow_partial,
     };
     let result = walship_engine::restore::restore(&replica, &output, &opts).await;
     if let Some(b) = &bar {
@@ -686,29 +732,104 @@ async fn restore(a: RestoreArgs) -> Result<ExitCode> {
     }
     match result {
         Ok(report) => {
-            for (key, why) in &report.skipped {
-                eprintln!("skipped {key}: {why}");
-            }
+            tools::print_skipped(&report);
             eprintln!(
-                "restored {} from {} (generation {}, {} segments, {} bytes, {} pages, as of {}) in {} ms",
-                output.display(),
-                replica.describe(),
-                report.generation.map(|g| g.to_string()).unwrap_or_default(),
-                report.segments,
-                report.bytes,
-                report.pages,
-                format_time(report.timestamp_ms),
-                report.elapsed_ms
+                "{}",
+                restore_result::result_line(&output, &replica.describe(), &report)
             );
+            if a.json {
+                print_json(&restore_result::result_json(
+                    &output,
+                    &replica.describe(),
+                    &report,
+                    true,
+                ))?;
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        Err(walship_engine::EngineError::Partial { report }) => {
+            tools::print_skipped(&report);
+            let json = restore_result::result_json(&output, &replica.describe(), &report, false);
+            let e = walship_engine::EngineError::Partial { report };
+            eprintln!("error: restore of {} failed: {e}", output.display());
+            if a.json {
+                print_json(&json)?;
+            }
+            Ok(ExitCode::from(EXIT_PARTIAL))
         }
         Err(walship_engine::EngineError::NothingToRestore { .. }) if a.if_replica_exists => {
             eprintln!("no backup in {}; nothing restored", replica.describe());
+            if a.json {
+                print_json(&restore_result::nothing_json(
+                    &output,
+                    "the replica holds no backup (--if-replica-exists)",
+                    false,
+                ))?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             Err(anyhow::Error::new(e).context(format!("restore of {} failed", output.display())))
         }
+    }
+}
+
+/// `walship restore --dry-run`: the plan, from the listing alone; nothing is written. Exits
+/// as the restore would on a gap (non-zero unless `--allow-partial`).
+async fn restore_dry_run(
+    a: &RestoreArgs,
+    replica: &Replica,
+    target_ms: Option<i64>,
+) -> Result<ExitCode> {
+    let output = &a.output;
+    if output.exists() && !a.force {
+        return Err(walship_engine::EngineError::OutputExists {
+            path: output.clone(),
+        }
+        .into());
+    }
+    let plan = match walship_engine::restore::plan(replica, target_ms).await {
+        Ok(p) => p,
+        Err(walship_engine::EngineError::NothingToRestore { .. }) if a.if_replica_exists => {
+            eprintln!(
+                "no backup in {}; nothing would be restored",
+                replica.describe()
+            );
+            if a.json {
+                print_json(&restore_result::nothing_json(
+                    output,
+                    "the replica holds no backup (--if-replica-exists)",
+                    false,
+                ))?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot plan the restore")),
+    };
+    if a.json {
+        print_json(&restore_result::plan_json(
+            output,
+            &replica.describe(),
+            &plan,
+        ))?;
+    } else {
+        use std::io::Write;
+        write!(
+            std::io::stdout().lock(),
+            "{}",
+            restore_result::plan_text(output, &replica.describe(), &plan)
+        )?;
+    }
+    match &plan.gap {
+        Some(gap) if !a.allow_partial => {
+            eprintln!(
+                "error: the restore would be partial: {}; it would write nothing without \
+                 --allow-partial",
+                gap.describe()
+            );
+            Ok(ExitCode::from(EXIT_PARTIAL))
+        }
+        _ => Ok(ExitCode::SUCCESS),
     }
 }
 

@@ -335,6 +335,9 @@ fn engine_error(what: &str, e: &EngineError) -> ApiError {
             ApiError::unavailable(format!("{what}: walship is shutting down"))
         }
         EngineError::NothingToRestore { .. } => ApiError::not_found(format!("{what}: {e}")),
+        EngineError::Partial { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "partial", format!("{what}: {e}"))
+        }
         EngineError::Storage(_) => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "replica_unavailable",
@@ -391,6 +394,7 @@ async fn download(
         parallelism: 4,
         overwrite: false,
         progress: None,
+        allow_partial: false,
     };
     // On a blocking thread driving the runtime: the restore future is not `Send` (its
     // closures borrow), which a handler's future must be.

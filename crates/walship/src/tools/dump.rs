@@ -58,6 +58,7 @@ pub async fn command(a: DumpArgs) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot restore {}", replica.describe()))?;
             super::print_skipped(&r.report);
+            super::print_partial(&r.report);
             eprintln!(
                 "restored {} as of {} (generation {}, {} segments)",
                 replica.describe(),

@@ -58,6 +58,8 @@ pub async fn restore_to_temp(
         parallelism: parallelism.max(1),
         overwrite: false,
         progress: None,
+        // The callers report a partial point (verify fails on it, dump says so).
+        allow_partial: true,
     };
     // On a blocking thread of its own: the restore future cannot be proven `Send` inside
     // `tokio::spawn` (a higher-ranked lifetime in the engine's download stream), and the
@@ -80,6 +82,13 @@ pub async fn restore_to_temp(
 pub fn print_skipped(report: &RestoreReport) {
     for (key, why) in &report.skipped {
         eprintln!("skipped {key}: {why}");
+    }
+}
+
+/// Prints what a partial restore left out, if it was partial, to stderr.
+pub fn print_partial(report: &RestoreReport) {
+    if let Some(gap) = &report.gap {
+        eprintln!("warning: partial restore: {}", gap.describe());
     }
 }
 

@@ -40,6 +40,7 @@ pub async fn command(a: RestoreArgs) -> Result<ExitCode> {
         parallelism: a.parallelism.max(1),
         overwrite: false,
         progress: None,
+        allow_partial: a.allow_partial,
     };
     let report = match walship_engine::restore::restore(&replica, &full, &opts).await {
         Ok(r) => r,
@@ -54,6 +55,7 @@ pub async fn command(a: RestoreArgs) -> Result<ExitCode> {
         }
     };
     super::print_skipped(&report);
+    super::print_partial(&report);
     let part = tmp.path().join("tables.db");
     let (src, dest, names) = (full.clone(), part.clone(), a.table.clone());
     let copied = blocking(move || Ok(inspect::copy_tables(&src, &dest, &names)?))

@@ -145,6 +145,12 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// Objects the restore skipped (damaged or missing): any makes the verification fail.
     pub skipped: Vec<Skipped>,
+    /// Whether objects exist beyond the point restored (a gap): fails the verification.
+    #[serde(default)]
+    pub partial: bool,
+    /// What a partial restore left out, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<String>,
     /// `PRAGMA integrity_check` of the restored point (`ok`).
     pub integrity: Option<String>,
     /// Page count of the restored point.
@@ -177,6 +183,8 @@ impl VerifyReport {
             segments: 0,
             bytes: 0,
             skipped: Vec::new(),
+            partial: false,
+            gap: None,
             integrity: None,
             page_count: None,
             page_size: None,
@@ -254,6 +262,8 @@ async fn run(
             reason: reason.clone(),
         })
         .collect();
+    rep.partial = r.partial();
+    rep.gap = r.gap.as_ref().map(|g| g.describe());
     // restore() ran PRAGMA integrity_check before handing the file over.
     rep.integrity = Some("ok".into());
     let path = restored.path.clone();
@@ -277,13 +287,15 @@ async fn run(
         r_position(rep),
         rep.point_time.as_deref().unwrap_or("?")
     );
-    rep.ok = rep.skipped.is_empty();
+    rep.ok = rep.skipped.is_empty() && !rep.partial;
     rep.message = if rep.ok {
         format!(
             "newest point ({point}) restored: integrity_check ok, {} pages, {} tables, {rows} rows",
             summary.page_count,
             summary.tables.len()
         )
+    } else if let Some(gap) = &rep.gap {
+        format!("the replica has a gap: {gap}; only an older point ({point}) restored")
     } else {
         let s = &rep.skipped[0];
         format!(
@@ -467,6 +479,9 @@ fn print_text(out: &mut dyn Write, rep: &VerifyReport) -> std::io::Result<()> {
     }
     for s in &rep.skipped {
         writeln!(out, "skipped      {}: {}", s.key, s.reason)?;
+    }
+    if let Some(gap) = &rep.gap {
+        writeln!(out, "gap          {gap}")?;
     }
     if let Some(i) = &rep.integrity {
         writeln!(out, "integrity    {i}")?;

@@ -9,4 +9,5 @@
 mod common;
 
 mod exec;
+mod gaps;
 mod secrets;
