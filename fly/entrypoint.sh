@@ -15,6 +15,13 @@
 #                                   e.g. 0.0.0.0:9090; passed as `--listen` when set (and when
 #                                   the walship build supports it)
 #   WALSHIP_BIN           optional  walship executable to run (default: `walship` from PATH)
+#   WALSHIP_RESTORE_ALLOW_PARTIAL
+#                         optional  `1` or `true`: boot even when the replica has a gap (a
+#                                   missing or damaged segment, a damaged newest snapshot),
+#                                   on the older point the restore reaches (`--allow-partial`).
+#                                   Unset by default: a partial restore stops the boot. Set it
+#                                   only after reading docs/runbook-emergency.md, section 3,
+#                                   and unset it once the machine is up.
 #   AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE, AWS_REGION, ...
 #                                   read by walship's AWS SDK credential chain, not by this script
 #
@@ -22,8 +29,9 @@
 #   1. `walship restore --if-db-not-exists --if-replica-exists`: a fresh machine gets the newest
 #      restorable state; a machine that still has its database keeps it; an empty replica (the
 #      very first boot) starts the app on a new, empty database. Any other failure (bucket
-#      unreachable, access denied, nothing consistent to restore) stops the boot here: starting
-#      the app on an empty database would fork the history, so we refuse and let the platform
+#      unreachable, access denied, nothing consistent to restore, a partial restore: objects
+#      beyond a gap the restore cannot cross) stops the boot here: starting the app on an
+#      empty or older database would fork the history, so we refuse and let the platform
 #      retry. See docs/runbook-emergency.md.
 #   2. `exec walship replicate DB URL --exec "APP"`: walship replaces this shell as the main
 #      process (no shell stays in between to swallow signals), starts the app after its first
@@ -95,9 +103,23 @@ for arg in "$@"; do
     fi
 done
 
+set -- restore --if-db-not-exists --if-replica-exists
+case "${WALSHIP_RESTORE_ALLOW_PARTIAL:-}" in
+    '' | 0 | false) ;;
+    1 | true)
+        printf '%s: warning: WALSHIP_RESTORE_ALLOW_PARTIAL is set: a partial restore (an older point, objects beyond a gap left out) will boot the app\n' "$prog" >&2
+        set -- "$@" --allow-partial ;;
+    *) die "WALSHIP_RESTORE_ALLOW_PARTIAL must be 1, true, 0 or false, got '$WALSHIP_RESTORE_ALLOW_PARTIAL'" ;;
+esac
+
 printf '%s: restoring %s from %s (skipped if the database exists or the replica is empty)\n' \
     "$prog" "$WALSHIP_DB" "$WALSHIP_REPLICA_URL" >&2
-if ! "$walship" restore --if-db-not-exists --if-replica-exists -o "$WALSHIP_DB" "$WALSHIP_REPLICA_URL"; then
+rc=0
+"$walship" "$@" -o "$WALSHIP_DB" "$WALSHIP_REPLICA_URL" || rc=$?
+if [ "$rc" -eq 3 ]; then
+    printf '%s: error: the restore would be partial (the replica has a gap; see its line above); refusing to start the application on an older point (see docs/runbook-emergency.md, section 3; WALSHIP_RESTORE_ALLOW_PARTIAL=1 accepts it)\n' "$prog" >&2
+    exit 1
+elif [ "$rc" -ne 0 ]; then
     printf '%s: error: restore failed; refusing to start the application on an empty or stale database (see docs/runbook-emergency.md)\n' "$prog" >&2
     exit 1
 fi

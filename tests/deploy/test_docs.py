@@ -25,7 +25,8 @@ FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 # The stable CLI contract (docs and scripts depend on it), plus --listen for the status server.
 CONTRACT = {
     "replicate": ({"--config", "--exec", "--listen"}, set(), {0, 2}),
-    "restore": ({"-o", "--timestamp"}, {"--if-db-not-exists", "--if-replica-exists"}, {1}),
+    "restore": ({"-o", "--timestamp"}, {"--if-db-not-exists", "--if-replica-exists",
+                                         "--allow-partial", "--dry-run", "--json"}, {1}),
     "snapshot": (set(), set(), {2}),
     "generations": (set(), set(), {1}),
 }

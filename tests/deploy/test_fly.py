@@ -184,6 +184,30 @@ def test_boot_script_restores_then_execs_replicate(boot):
     assert result.returncode == 7, "exec: walship's exit status is the container's"
 
 
+def test_boot_script_refuses_a_partial_restore_unless_allowed(boot):
+    db = boot.tmp / "data" / "app.db"
+    url = f"file://{boot.tmp / 'replica'}"
+    # walship restore exits 3 for a partial restore it refused: no boot, a line saying why.
+    result, calls = boot("app", STUB_RESTORE_RC="3")
+    assert result.returncode == 1
+    assert [c[0] for c in calls] == ["restore"], "the app must not start"
+    assert "--allow-partial" not in calls[0], "not passed by default"
+    assert "partial" in result.stderr and "WALSHIP_RESTORE_ALLOW_PARTIAL" in result.stderr
+    # Opted in: passed on, with a warning.
+    for value in ("1", "true"):
+        result, calls = boot("app", WALSHIP_RESTORE_ALLOW_PARTIAL=value)
+        assert result.returncode == 0
+        assert calls[0] == ["restore", "--if-db-not-exists", "--if-replica-exists",
+                            "--allow-partial", "-o", str(db), url]
+        assert "WALSHIP_RESTORE_ALLOW_PARTIAL is set" in result.stderr
+        db.unlink()
+    result, calls = boot("app", WALSHIP_RESTORE_ALLOW_PARTIAL="0")
+    assert "--allow-partial" not in calls[0]
+    result, calls = boot("app", WALSHIP_RESTORE_ALLOW_PARTIAL="yes please")
+    assert result.returncode == 64 and not calls
+    assert "WALSHIP_RESTORE_ALLOW_PARTIAL" in result.stderr
+
+
 def test_boot_script_first_boot_creates_empty_database(boot):
     # Nothing restored (empty replica) and no database yet: the script creates an empty file
     # and lets walship switch it to WAL mode, so replicate has something to open.

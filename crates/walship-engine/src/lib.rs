@@ -8,7 +8,9 @@
 //!   cannot prove the log continuous.
 //! - [`restore::restore`] rebuilds the newest (or a point-in-time) state into a file,
 //!   verifying every object, and moves it into place only once `PRAGMA integrity_check`
-//!   passed.
+//!   passed. A restore that cannot reach everything the replica holds is partial
+//!   ([`RestoreReport::gap`]) and writes nothing unless [`RestoreOptions::allow_partial`];
+//!   [`restore::plan`] tells what a restore would read, from the listing alone.
 //! - [`Replica`] lists generations, snapshots and segments from keys alone.
 //! - [`lease`]: writer fencing, one replicator per replica prefix (a lease object written
 //!   with `if_none_match`); [`LeaseOptions`] and [`OnConflict`] say how long it lasts and

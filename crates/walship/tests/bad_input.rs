@@ -209,11 +209,18 @@ fn a_truncated_newest_segment_is_skipped_and_named() {
     let bytes = std::fs::read(&newest).unwrap();
     std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
     let out = dir.path().join("out.db");
+    let name = newest.file_name().unwrap().to_string_lossy().into_owned();
+    // What it held is missing: a partial restore, refused (nothing written) unless accepted.
     let o = restore(&url, &out, &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr_of(&o));
+    let line = error_line(&o);
+    assert!(line.contains("partial") && line.contains(&name), "{line}");
+    assert!(!out.exists());
+    let o = restore(&url, &out, &["--allow-partial"]);
     assert!(o.status.success(), "{}", stderr_of(&o));
     let err = stderr_of(&o);
-    let name = newest.file_name().unwrap().to_string_lossy().into_owned();
     assert!(err.contains("skipped") && err.contains(&name), "{err}");
+    assert!(err.contains("PARTIAL"), "{err}");
     let got = count(&out);
     assert!(got < n && got >= 99, "restored {got} rows");
     let ok: String = Connection::open(&out)

@@ -185,7 +185,15 @@ fn a_corrupt_newest_snapshot_falls_back() {
     let snaps = objects(&rdir, ".wsnap");
     corrupt(&snaps[0]);
     let out = dir.path().join("out.db");
-    let o = ok(restore_tables(&url, &out, &["meta"], &[]));
+    // The older point leaves the newest snapshot's history out: a partial restore, refused
+    // (nothing written) unless accepted.
+    let o = restore_tables(&url, &out, &["meta"], &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let line = error_line(&o);
+    assert!(line.contains("partial"), "{line}");
+    assert!(!out.exists());
+    let o = ok(restore_tables(&url, &out, &["meta"], &["--allow-partial"]));
     assert!(stderr(&o).contains("skipped"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("partial restore"), "{}", stderr(&o));
     assert_eq!(count(&out, "meta"), 1);
 }

@@ -294,19 +294,25 @@ async fn run(
             summary.page_count,
             summary.tables.len()
         )
-    } else if let Some(gap) = &rep.gap {
-        format!("the replica has a gap: {gap}; only an older point ({point}) restored")
-    } else {
-        let s = &rep.skipped[0];
+    } else if let Some(s) = rep.skipped.first() {
         format!(
-            "the newest point is damaged: skipped {} ({}){}; an older point ({point}) restored instead",
+            "the newest point is damaged: skipped {} ({}){}; an older point ({point}) restored instead{}",
             s.key,
             s.reason,
             if rep.skipped.len() > 1 {
                 format!(" and {} more", rep.skipped.len() - 1)
             } else {
                 String::new()
-            }
+            },
+            rep.gap
+                .as_ref()
+                .map(|g| format!("; the replica has a gap: {g}"))
+                .unwrap_or_default()
+        )
+    } else {
+        format!(
+            "the replica has a gap: {}; only an older point ({point}) restored",
+            rep.gap.as_deref().unwrap_or("?")
         )
     };
 
