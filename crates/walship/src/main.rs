@@ -667,7 +667,11 @@ async fn restore(a: RestoreArgs) -> Result<ExitCode> {
     let r = restore_run(a).await;
     if let Err(e) = &r {
         if json {
-            print_json(&restore_result::nothing_json(&output, &one_line(e), true))?;
+            print_json(&restore_result::nothing_json(
+                &output,
+                &redact::scrub(&one_line(e)),
+                true,
+            ))?;
         }
         // A partial restore refused (by `--table`, which reports through its error).
         let partial = e.chain().any(|c| {
@@ -677,7 +681,7 @@ async fn restore(a: RestoreArgs) -> Result<ExitCode> {
             )
         });
         if partial {
-            eprintln!("error: {}", one_line(e));
+            eprintln!("error: {}", redact::scrub(&one_line(e)));
             return Ok(ExitCode::from(EXIT_PARTIAL));
         }
     }
