@@ -76,6 +76,25 @@ pub enum EngineError {
         source: FormatError,
     },
 
+    /// The replica's newest generation is encrypted with a key this writer was given neither
+    /// to write nor to read with: it writes nothing (docs/format.md, "Encryption").
+    #[error(
+        "generation {generation} in {replica} is encrypted with key id {key_id}, and {}; give that \
+         key (--encryption-key-file, WALSHIP_ENCRYPTION_KEY or `encryption-key`), or to move to a \
+         new key give the old one for reading as well (--decryption-key-file or `decryption-keys`)",
+        match .writer { Some(w) => format!("the key given has id {w}"), None => "no encryption key was given".to_string() }
+    )]
+    ForeignKey {
+        /// The replica.
+        replica: String,
+        /// The generation, as `walship generations` shows it.
+        generation: String,
+        /// The id of the generation's key, hex.
+        key_id: String,
+        /// The id of the writer's key, hex, if it has one.
+        writer: Option<String>,
+    },
+
     /// The replica holds nothing restorable.
     #[error("no restorable backup in {replica}{}", if .target.is_some() { " at or before the requested time" } else { "" })]
     NothingToRestore {

@@ -8,11 +8,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use walship_format::crypto::{Key, KeyRing};
+use walship_format::crypto::{KEY_ID_LEN, Key, KeyRing};
 use walship_format::key::{GENERATIONS_DIR, GenerationId, ObjectKey};
-use walship_format::object::{BodyWrite, HEADER_SIZE, ObjectHeader, ObjectWriter};
+use walship_format::object::{
+    BodyWrite, HEAD_WITH_KEY_ID, HEADER_SIZE, ObjectHeader, ObjectWriter, header_and_key_id,
+};
 use walship_storage::{
-    ObjectStore, PutBody, PutOptions, STREAM_CHUNK, StorageError, list_all, list_dirs,
+    ListRequest, ObjectStore, PutBody, PutOptions, STREAM_CHUNK, StorageError, list_all, list_dirs,
 };
 
 use crate::error::{EngineError, EngineResult};
@@ -135,6 +137,54 @@ impl Replica {
         })
     }
 
+    /// Reads and verifies an object's header and reads the id of the key it is encrypted
+    /// with, `None` for an object not encrypted (one ranged GET).
+    pub async fn read_header_and_key_id(
+        &self,
+        key: &str,
+    ) -> EngineResult<(ObjectHeader, Option<[u8; KEY_ID_LEN]>)> {
+        let body = self
+            .store
+            .get(key, Some(0..HEAD_WITH_KEY_ID as u64))
+            .await?
+            .collect()
+            .await?;
+        header_and_key_id(&body).map_err(|source| EngineError::Corrupt {
+            key: key.to_string(),
+            source,
+        })
+    }
+
+    /// The newest generation and the id of the key its newest snapshot is encrypted with
+    /// (`None`: not encrypted), without listing the whole generation: one LIST of the
+    /// generations, one of a single snapshot, one ranged GET. `None` when the newest
+    /// generation has no snapshot whose header reads.
+    pub async fn newest_generation_key(
+        &self,
+    ) -> EngineResult<Option<(GenerationId, Option<[u8; KEY_ID_LEN]>)>> {
+        let Some(generation) = self.generations().await?.first().copied() else {
+            return Ok(None);
+        };
+        let page = self
+            .store
+            .list_page(&ListRequest {
+                prefix: generation.snapshots_prefix(),
+                max_keys: Some(1),
+                ..Default::default()
+            })
+            .await?;
+        let Some(newest) = page.objects.first() else {
+            return Ok(None);
+        };
+        match self.read_header_and_key_id(&newest.key).await {
+            Ok((header, id)) if header.generation == generation.0 => Ok(Some((generation, id))),
+            Ok(_)
+            | Err(EngineError::Corrupt { .. })
+            | Err(EngineError::Storage(StorageError::NotFound { .. })) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Uploads an object whose raw body `produce` writes, on a blocking thread. Small
     /// objects are encoded in memory; larger ones stream to the store in chunks.
     pub async fn upload<F>(&self, key: &str, header: ObjectHeader, produce: F) -> EngineResult<u64>
@@ -244,6 +294,36 @@ fn same_object(a: &ObjectHeader, b: &ObjectHeader) -> bool {
         b.wal,
         b.raw_len,
     )
+}
+
+/// How a writer's keys fit a generation it found (docs/format.md, "Encryption"): a
+/// generation is written under one key or none, never plaintext and ciphertext mixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFit {
+    /// The writer encrypts as the generation does (with the same key, or not at all): it
+    /// may continue the generation.
+    Same,
+    /// The writer encrypts with another key and can read the generation (a new key with the
+    /// old one given for reading), or encrypts a generation that was not: it starts a new
+    /// generation.
+    NewGeneration,
+    /// The generation is encrypted with a key the writer was not given, or the writer has no
+    /// key to encrypt with (encryption is never dropped by a missing key): it must not write.
+    Foreign,
+}
+
+/// How `keys` fit a generation whose objects are encrypted with the key of id `found`
+/// (`None`: not encrypted).
+pub fn key_fit(found: Option<[u8; KEY_ID_LEN]>, keys: Option<&KeyRing>) -> KeyFit {
+    let writer = keys.and_then(|k| k.writer()).map(Key::id);
+    match found {
+        f if f == writer => KeyFit::Same,
+        None => KeyFit::NewGeneration,
+        Some(id) if writer.is_some() && keys.is_some_and(|k| k.find(&id).is_some()) => {
+            KeyFit::NewGeneration
+        }
+        Some(_) => KeyFit::Foreign,
+    }
 }
 
 /// The segments a restore applies after a snapshot (or segment) ending at `from`, in order:
@@ -423,5 +503,28 @@ mod tests {
         // Segments ending at or before the start are never taken.
         assert!(chain(&segs, 50, i64::MAX, &none).is_empty());
         assert!(chain(&segs, 40, 3, &none).is_empty());
+    }
+
+    #[test]
+    fn a_generation_is_continued_only_under_its_own_key_and_never_by_a_stranger() {
+        let k = Key::from_bytes(&[1u8; 32]).expect("key");
+        let k2 = Key::from_bytes(&[2u8; 32]).expect("key");
+        let (plain, under_k) = (None, Some(k.id()));
+        let with_k = KeyRing::new(k.clone());
+        let with_k2 = KeyRing::new(k2.clone());
+        let rotating = KeyRing::new(k2.clone()).with_reader(k.clone());
+        let reading_k = KeyRing::read_only(vec![k.clone()]);
+        // Same key, or no key on either side: continue.
+        assert_eq!(key_fit(plain, None), KeyFit::Same);
+        assert_eq!(key_fit(under_k, Some(&with_k)), KeyFit::Same);
+        assert_eq!(key_fit(plain, Some(&reading_k)), KeyFit::Same);
+        // Encryption turned on, a rotation.
+        assert_eq!(key_fit(plain, Some(&with_k)), KeyFit::NewGeneration);
+        assert_eq!(key_fit(under_k, Some(&rotating)), KeyFit::NewGeneration);
+        // No key, only another one, or the key for reading only (a write key forgotten in a
+        // rotation must not turn encryption off): refuse.
+        assert_eq!(key_fit(under_k, None), KeyFit::Foreign);
+        assert_eq!(key_fit(under_k, Some(&with_k2)), KeyFit::Foreign);
+        assert_eq!(key_fit(under_k, Some(&reading_k)), KeyFit::Foreign);
     }
 }

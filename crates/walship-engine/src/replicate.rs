@@ -17,6 +17,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use walship_format::crypto::{KEY_ID_LEN, id_hex};
 use walship_format::key::{self, GenerationId, ObjectKey};
 use walship_format::object::{FLAG_LZ4, Kind, ObjectHeader, WalState};
 use walship_format::wal::{Checksum, FrameChain, WalHeader};
@@ -27,7 +28,7 @@ use crate::db::{CheckpointMode, CheckpointResult, Copier, Db};
 use crate::error::{EngineError, EngineResult};
 use crate::lease::{Lease, LeaseOptions};
 use crate::overlay::Overlay;
-use crate::replica::Replica;
+use crate::replica::{KeyFit, Replica, key_fit};
 use crate::retention::RetentionPolicy;
 use crate::snapshot::{db_pages_from_file, write_image};
 use crate::walfile::{self, Scan};
@@ -228,7 +229,7 @@ pub fn error_kind(e: &EngineError) -> &'static str {
         EngineError::Sqlite { .. } => "sqlite",
         EngineError::MissingDatabase { .. } | EngineError::NotWalMode { .. } => "missing_database",
         EngineError::Corrupt { .. } => "corrupt",
-        EngineError::Encryption { .. } => "encryption",
+        EngineError::Encryption { .. } | EngineError::ForeignKey { .. } => "encryption",
         EngineError::LeaseHeld { .. } | EngineError::LeaseLost { .. } => "conflict",
         _ => "other",
     }
@@ -567,6 +568,8 @@ fn now_ms() -> i64 {
 struct ReplicaEnd {
     generation: GenerationId,
     header: ObjectHeader,
+    /// The id of the key the object is encrypted with; `None`: not encrypted.
+    key_id: Option<[u8; KEY_ID_LEN]>,
 }
 
 async fn replica_end(
@@ -594,12 +597,48 @@ async fn replica_end(
         end = e;
         last_name = last.name.clone();
     }
-    match replica.read_header(&last_name).await {
-        Ok(header) if header.generation == generation.0 && header.end == end => {
-            Ok((Some(ReplicaEnd { generation, header }), newest))
-        }
+    match replica.read_header_and_key_id(&last_name).await {
+        Ok((header, key_id)) if header.generation == generation.0 && header.end == end => Ok((
+            Some(ReplicaEnd {
+                generation,
+                header,
+                key_id,
+            }),
+            newest,
+        )),
         Ok(_) | Err(EngineError::Corrupt { .. }) => Ok((None, newest)),
         Err(e) => Err(e),
+    }
+}
+
+/// How this replicator's keys fit `generation`, whose objects are encrypted with `key_id`
+/// ([`key_fit`]); an error when it must not write to the replica at all.
+fn fit_keys(
+    replica: &Replica,
+    generation: GenerationId,
+    key_id: Option<[u8; KEY_ID_LEN]>,
+) -> EngineResult<KeyFit> {
+    let keys = replica.keys().map(|k| k.as_ref());
+    match key_fit(key_id, keys) {
+        KeyFit::Foreign => Err(EngineError::ForeignKey {
+            replica: replica.describe(),
+            generation: generation.to_string(),
+            key_id: key_id.as_ref().map_or_else(String::new, id_hex),
+            writer: keys.and_then(|k| k.writer()).map(|k| k.id_hex()),
+        }),
+        fit => Ok(fit),
+    }
+}
+
+/// The replica's end if this replicator may continue its generation by its keys; `None`
+/// when it starts a new one.
+fn end_under_same_key(replica: &Replica, end: ReplicaEnd) -> EngineResult<Option<ReplicaEnd>> {
+    match fit_keys(replica, end.generation, end.key_id)? {
+        KeyFit::Same => Ok(Some(end)),
+        _ => {
+            tracing::info!(generation = %end.generation, key_id = end.key_id.as_ref().map_or_else(|| "none".to_string(), id_hex), "the newest generation is under another key: starting a new one");
+            Ok(None)
+        }
     }
 }
 
@@ -788,6 +827,11 @@ impl Replicator {
         let db = tokio::task::spawn_blocking(move || Db::open(&p, enable)).await??;
         let wal_path = db.wal_path();
         let db = Arc::new(Mutex::new(db));
+        // Without the key of the replica's newest generation, refuse before the lease: neither
+        // wait for nor take over a replicator that has it.
+        if let Some((generation, key_id)) = replica.newest_generation_key().await? {
+            fit_keys(&replica, generation, key_id)?;
+        }
         // Only the lease holder looks at where the replica ended and writes to it.
         let (lease, may_resume) = match &opts.lease {
             Some(lo) => {
@@ -802,6 +846,20 @@ impl Replicator {
         // whether to wait out the rest.
         let watcher = watch_files(&db_path, wake.clone(), dirty.clone(), opts.min_sync_gap / 4);
         let (end, newest) = replica_end(&replica).await?;
+        let end = match end.map(|e| end_under_same_key(&replica, e)).transpose() {
+            Ok(end) => end.flatten(),
+            Err(e) => {
+                // Refused under the lease (the newest generation changed while it was awaited,
+                // or an older walship left it mixed). Nothing was written: the next
+                // replicator, given the key, goes on at once.
+                if let Some(mut lease) = lease
+                    && let Err(error) = lease.release().await
+                {
+                    tracing::warn!(%error, "could not release the lease");
+                }
+                return Err(e);
+            }
+        };
         let end = if force_new || !may_resume { None } else { end };
         let tail = Tail {
             generation: GenerationId(0),

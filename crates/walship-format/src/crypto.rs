@@ -90,7 +90,7 @@ impl Key {
 
     /// The id in hex.
     pub fn id_hex(&self) -> String {
-        self.id.iter().map(|b| format!("{b:02x}")).collect()
+        id_hex(&self.id)
     }
 
     fn nonce(prefix: &[u8; 8], index: u32) -> [u8; 12] {
@@ -149,6 +149,11 @@ impl Key {
                 ))
             })
     }
+}
+
+/// A key id in hex, as messages show it.
+pub fn id_hex(id: &[u8; KEY_ID_LEN]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Keys a reader may decrypt with, and the one a writer encrypts with.

@@ -259,6 +259,32 @@ impl ObjectHeader {
     }
 }
 
+/// Bytes at the start of an object that hold its header and, when it is encrypted, the id of
+/// its key (the first field of the preamble).
+pub const HEAD_WITH_KEY_ID: usize = HEADER_SIZE + KEY_ID_LEN;
+
+/// Decodes an object's header and the id of the key its body is encrypted with (`None`: not
+/// encrypted) from its first bytes, [`HEAD_WITH_KEY_ID`] of them for an encrypted object.
+/// The key id is not covered by the header's CRC; a reader of the whole object checks it.
+pub fn header_and_key_id(
+    b: &[u8],
+) -> Result<(ObjectHeader, Option<[u8; KEY_ID_LEN]>), FormatError> {
+    let header = ObjectHeader::decode(b)?;
+    if header.flags & FLAG_ENCRYPTED == 0 {
+        return Ok((header, None));
+    }
+    let id = b
+        .get(HEADER_SIZE..HEAD_WITH_KEY_ID)
+        .ok_or(FormatError::Truncated {
+            what: "encryption preamble",
+            needed: HEAD_WITH_KEY_ID as u64,
+            got: b.len() as u64,
+        })?;
+    let mut out = [0u8; KEY_ID_LEN];
+    out.copy_from_slice(id);
+    Ok((header, Some(out)))
+}
+
 fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
@@ -949,6 +975,24 @@ mod tests {
             .with_block_size(block);
         w.write_all(raw).expect("write");
         w.finish().expect("finish")
+    }
+
+    #[test]
+    fn the_first_bytes_of_an_object_name_the_key_it_is_encrypted_with() {
+        let key = Key::from_bytes(&[3u8; 32]).expect("key");
+        let raw = vec![1u8; 2 * 512];
+        let sealed = encrypted(&key, &raw, 700);
+        let (h, id) = header_and_key_id(&sealed[..HEAD_WITH_KEY_ID]).expect("decode");
+        assert_eq!((h.generation, id), (0x1234, Some(key.id())));
+        assert!(
+            header_and_key_id(&sealed[..HEADER_SIZE]).is_err(),
+            "cut key id"
+        );
+        let mut h = snapshot_header(2, 512);
+        h.raw_len = raw.len() as u64;
+        let plain = encode_to_vec(&h, &raw).expect("encode");
+        let (_, id) = header_and_key_id(&plain[..HEADER_SIZE]).expect("plaintext");
+        assert_eq!(id, None);
     }
 
     /// Recomputes the trailer's CRCs as an attacker who can write to the bucket would.

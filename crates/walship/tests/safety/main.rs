@@ -10,4 +10,5 @@ mod common;
 
 mod exec;
 mod gaps;
+mod keys;
 mod secrets;
