@@ -33,6 +33,9 @@ use crate::retention::RetentionPolicy;
 use crate::snapshot::{db_pages_from_file, write_image};
 use crate::walfile::{self, Scan};
 
+mod once;
+pub use self::once::{OnceReport, once};
+
 /// Raw WAL bytes per segment object, beyond which a sync ships several: what an upload
 /// holds in memory stays flat however fast the app writes. (One transaction is never split,
 /// so a larger one makes a larger segment, streamed.)
@@ -2083,16 +2086,21 @@ impl Replicator {
             }
             Err(e) => tracing::error!(db = %self.span_db(), error = %e, "final sync failed"),
         }
+        self.let_go().await;
+        r.map(|_| ())
+    }
+
+    /// Stops compaction and releases the lease (unless it was lost), so that a successor
+    /// continues at once.
+    async fn let_go(&mut self) {
         // No merge may write after the lease is given up.
         self.compactor = None;
-        // Let a successor continue at once.
         if self.lease_lost.is_none()
             && let Some(lease) = self.lease.as_mut()
             && let Err(e) = lease.release().await
         {
             tracing::warn!(db = %self.span_db(), error = %e, "could not release the lease (a successor waits for it to lapse)");
         }
-        r.map(|_| ())
     }
 
     /// Sleeps until `until` (true: cancelled first), looking at the WAL index every

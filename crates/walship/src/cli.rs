@@ -12,10 +12,10 @@ use crate::duration::Dur;
 #[derive(Debug, Parser)]
 #[command(name = "walship", version, about, long_about = None)]
 pub struct Cli {
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter); WALSHIP_LOG
-    /// overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter such as
+    /// `info,walship_engine=debug`). Without it: WALSHIP_LOG, else RUST_LOG, else info.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
     /// Log JSON lines instead of text.
     #[arg(long, global = true)]
     pub log_json: bool,
@@ -133,8 +133,12 @@ impl RetentionArgs {
 pub struct DecryptArgs {
     /// The object file (downloaded from the replica).
     pub input: PathBuf,
-    /// Where to write the plain body; nothing is written if anything fails.
+    /// Where to write the plain body; nothing is written if anything fails, and an existing
+    /// file is never replaced without --force.
     pub output: PathBuf,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -250,6 +254,15 @@ pub struct ReplicateArgs {
     /// exited, make a final sync and exit with its status (128+N if killed by signal N).
     #[arg(long)]
     pub exec: Option<String>,
+    /// Ship everything committed, write a snapshot if one is due (--snapshot-interval
+    /// since the newest snapshot, and the database changed since), apply retention, release
+    /// the lease and exit: for cron jobs and pre-deploy hooks. Exit 0 when every database
+    /// was replicated.
+    #[arg(long, conflicts_with_all = ["exec", "listen"])]
+    pub once: bool,
+    /// With --once: write a snapshot whether or not one is due.
+    #[arg(long, requires = "once")]
+    pub force_snapshot: bool,
     /// Longest delay between a commit and its upload.
     #[arg(long, default_value = "1s")]
     pub sync_interval: Dur,

@@ -4,13 +4,16 @@
 //! codes; everything else is in the engine library.
 
 mod cli;
+mod clock;
 mod config;
 mod duration;
 mod exec;
 mod http;
+mod logging;
 mod progress;
 mod redact;
 mod restore_result;
+mod scaffold;
 mod tools;
 
 use std::process::ExitCode;
@@ -20,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use walship_engine::{Replica, ReplicateOptions, RestoreOptions};
-use walship_format::key::{ObjectKey, format_time};
+use walship_format::key::{GenerationId, ObjectKey};
 use walship_storage::{ReplicaUrl, StoreOptions};
 
 use crate::cli::{
@@ -117,14 +120,32 @@ fn one_line(e: &anyhow::Error) -> String {
 /// Logs to standard error through [`redact::Stderr`], with the AWS SDK capped at INFO by
 /// [`redact::sdk_cap`] whatever the filter says.
 fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = EnvFilter::try_from_env("WALSHIP_LOG")
-        .or_else(|_| EnvFilter::try_new(&cli.log_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let walship_log = std::env::var("WALSHIP_LOG").ok();
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (source, directive) = logging::filter(
+        cli.log_level.as_deref(),
+        walship_log.as_deref(),
+        rust_log.as_deref(),
+    );
+    let filter = EnvFilter::try_new(directive).unwrap_or_else(|e| {
+        eprintln!(
+            "warning: {} `{directive}` is not a log filter ({e}); logging at {}",
+            source.name(),
+            logging::DEFAULT_FILTER
+        );
+        EnvFilter::new(logging::DEFAULT_FILTER)
+    });
+    let colour = logging::colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(redact::Stderr);
     if cli.log_json {
         builder.json().finish().with(redact::sdk_cap()).init();
@@ -152,6 +173,15 @@ fn decrypt(a: DecryptArgs) -> Result<ExitCode> {
         .store
         .keys()?
         .context("no key given (set WALSHIP_ENCRYPTION_KEY or pass --encryption-key-file)")?;
+    let exists = || {
+        anyhow::anyhow!(
+            "{} already exists (pass --force to replace it, or choose another output)",
+            a.output.display()
+        )
+    };
+    if !a.force && std::fs::symlink_metadata(&a.output).is_ok() {
+        return Err(exists());
+    }
     let input = std::fs::File::open(&a.input)
         .with_context(|| format!("cannot open {}", a.input.display()))?;
     let mut r = walship_format::object::ObjectReader::with_keys(BufReader::new(input), Some(&keys))
@@ -179,15 +209,26 @@ fn decrypt(a: DecryptArgs) -> Result<ExitCode> {
         .into_inner()
         .map_err(|e| e.into_error())
         .context("write output")?;
-    tmp.persist(&a.output)
-        .map_err(|e| e.error)
-        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    if a.force {
+        tmp.persist(&a.output)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot write {}", a.output.display()))?;
+    } else {
+        // Created meanwhile: still not replaced.
+        tmp.persist_noclobber(&a.output).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                exists()
+            } else {
+                anyhow::Error::new(e.error).context(format!("cannot write {}", a.output.display()))
+            }
+        })?;
+    }
     let h = r.header();
     eprintln!(
-        "decrypted {} ({:?}, generation {:016x}, {} bytes) into {}",
+        "decrypted {} ({:?}, generation {}, {} bytes) into {}",
         a.input.display(),
         h.kind,
-        h.generation,
+        GenerationId(h.generation),
         h.raw_len,
         a.output.display()
     );
@@ -247,7 +288,11 @@ async fn open_configured(r: &config::ReplicaConfig) -> Result<Replica> {
 }
 
 /// The pairs `replicate` runs: from the config file, or the positional DB and REPLICA_URL.
-async fn replicate_pairs(a: &mut ReplicateArgs) -> Result<Vec<Pair>> {
+/// The local replica directories that do not exist yet are noted in `scaffold`.
+async fn replicate_pairs(
+    a: &mut ReplicateArgs,
+    scaffold: &mut scaffold::Scaffold,
+) -> Result<Vec<Pair>> {
     let defaults = config::Defaults {
         sync_interval: a.sync_interval.0,
         snapshot_interval: a.snapshot_interval.0,
@@ -286,6 +331,9 @@ async fn replicate_pairs(a: &mut ReplicateArgs) -> Result<Vec<Pair>> {
                 } else {
                     format!("{}-{}", d.name, r.name)
                 };
+                if let ReplicaUrl::File { path } = &r.parsed {
+                    scaffold.note(path);
+                }
                 pairs.push(Pair {
                     name,
                     db: d.path.clone(),
@@ -314,6 +362,9 @@ async fn replicate_pairs(a: &mut ReplicateArgs) -> Result<Vec<Pair>> {
             "replicate needs DB and REPLICA_URL, or --config FILE (for example: walship replicate /data/app.db file:///backups/app)"
         );
     };
+    if let Ok(ReplicaUrl::File { path }) = url.parse() {
+        scaffold.note(&path);
+    }
     let replica = open_replica(&url, &a.store).await?;
     Ok(vec![Pair {
         name: http::default_name(&db),
@@ -363,8 +414,13 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
     // Handlers first: a SIGTERM that arrives while the replicas are being checked must lead
     // to a clean start-and-stop (final sync, exit 0), not to death by the default action.
     let mut signals = exec::Signals::install()?;
-    let pairs = replicate_pairs(&mut a).await?;
+    // A refused start removes the replica directories it created.
+    let mut scaffold = scaffold::Scaffold::default();
+    let pairs = replicate_pairs(&mut a, &mut scaffold).await?;
     check_reachable(&pairs).await?;
+    if a.once {
+        return replicate_once(a, pairs, scaffold, signals).await;
+    }
     // One token stops every replicator; each runs in its own task and span.
     let cancel = CancellationToken::new();
     let mut handles = Vec::new();
@@ -426,6 +482,7 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
         _ = signals.recv() => return stop_during_startup(cancel, tasks, labels, deadline).await,
     }
     tracing::info!(pairs = labels.len(), "all replicators up");
+    scaffold.keep();
     // Scheduled verification and the schema watch (tools::daemon), beside the replicators.
     let tool_tasks = tools::daemon::start(&a.tools, monitoring.state());
 
@@ -540,6 +597,82 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
         return Ok(exit_code_of(st));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `walship replicate --once`: one pass over every (database, replica) pair, side by side
+/// (`walship_engine::replicate::once`). Prints one line per pair; fails with the first
+/// failure once every pass has ended. A signal stops passes waiting for a lease.
+async fn replicate_once(
+    a: ReplicateArgs,
+    pairs: Vec<Pair>,
+    mut scaffold: scaffold::Scaffold,
+    mut signals: exec::Signals,
+) -> Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    let passes = futures::future::join_all(pairs.iter().map(|p| {
+        walship_engine::replicate::once(
+            p.db.clone(),
+            p.replica.clone(),
+            p.opts.clone(),
+            a.force_snapshot,
+            &cancel,
+        )
+    }));
+    tokio::pin!(passes);
+    let results = tokio::select! {
+        r = &mut passes => r,
+        _ = signals.recv() => {
+            cancel.cancel();
+            let deadline = a.shutdown_timeout.0;
+            tokio::time::timeout(deadline, &mut passes).await.map_err(|_| {
+                anyhow::anyhow!("stopped by a signal; the passes did not end within {deadline:?}")
+            })?
+        }
+    };
+    let mut first = None;
+    for (p, r) in pairs.iter().zip(results) {
+        match r {
+            Ok(rep) => {
+                // Something reached the replica: its directory stays.
+                scaffold.keep();
+                eprintln!("{}", once_line(&p.label(), &rep));
+            }
+            Err(e) => {
+                let e = anyhow::Error::new(e).context(format!("cannot replicate {}", p.label()));
+                if pairs.len() > 1 {
+                    tracing::error!(error = %one_line(&e), "replication pass failed");
+                }
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// The result line of one `--once` pass.
+fn once_line(label: &str, r: &walship_engine::replicate::OnceReport) -> String {
+    let what = match (r.objects_uploaded, r.snapshots) {
+        (0, _) => "nothing new".to_string(),
+        (n, 0) => format!("{n} objects ({} bytes)", r.bytes_uploaded),
+        (n, s) => format!(
+            "{n} objects ({} bytes, {s} snapshot{})",
+            r.bytes_uploaded,
+            if s == 1 { "" } else { "s" }
+        ),
+    };
+    format!(
+        "replicated {label}: {what}; {} {} at position {:#018x}",
+        if r.new_generation {
+            "new generation"
+        } else {
+            "generation"
+        },
+        r.generation,
+        r.position
+    )
 }
 
 /// Waits for a replicator's first successful sync, retrying failed ones (a replica that
@@ -714,7 +847,7 @@ async fn restore_run(a: RestoreArgs) -> Result<ExitCode> {
     }
     let replica = open_replica(&a.replica_url, &a.store).await?;
     let target_ms = match &a.timestamp {
-        Some(t) => Some(parse_rfc3339(t)?),
+        Some(t) => Some(clock::parse_timestamp(t)?),
         None => None,
     };
     if a.dry_run {
@@ -835,14 +968,6 @@ async fn restore_dry_run(
         }
         _ => Ok(ExitCode::SUCCESS),
     }
-}
-
-fn parse_rfc3339(s: &str) -> Result<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .with_context(|| {
-            format!("--timestamp `{s}` is not RFC 3339 (for example 2026-11-23T20:30:00Z)")
-        })?;
-    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
 async fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
@@ -985,7 +1110,7 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
     let gens = replica.generations().await?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
-    let now = walship_format_now();
+    let now = clock::now_ms();
     if !a.json
         && let Some(l) = walship_engine::lease::current(replica.store().as_ref()).await?
     {
@@ -995,11 +1120,12 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
         };
         writeln!(
             out,
-            "lease {state} {} (seq {}, ttl {} ms, written {})",
+            "lease {state} {} (seq {}, ttl {} ms, written {}, {})",
             l.describe(),
             l.seq,
             l.ttl_ms,
-            format_time(l.written_ms)
+            clock::rfc3339(l.written_ms),
+            clock::age(l.written_ms, now)
         )?;
     }
     let mut json = Vec::new();
@@ -1021,24 +1147,24 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
         if a.json {
             json.push(serde_json::json!({
                 "generation": g.to_string(),
-                "created": format_time(g.created_ms()),
+                "created": clock::rfc3339(g.created_ms()),
                 "snapshots": objs.snapshots.iter().map(listed_json).collect::<Vec<_>>(),
                 "segments": objs.segments.len(),
                 "bytes": bytes,
-                "newest": format_time(newest),
+                "newest": clock::rfc3339(newest),
                 "foreign": objs.foreign,
             }));
             continue;
         }
         writeln!(
             out,
-            "generation {g}  created {}  {} snapshots  {} segments  {} bytes  newest {} ({}s ago)",
-            format_time(g.created_ms()),
+            "generation {g}  created {}  {} snapshots  {} segments  {} bytes  newest {} ({})",
+            clock::rfc3339(g.created_ms()),
             objs.snapshots.len(),
             objs.segments.len(),
             bytes,
-            format_time(newest),
-            (now - newest).max(0) / 1000
+            clock::rfc3339(newest),
+            clock::age(newest, now)
         )?;
         for s in &objs.snapshots {
             if let ObjectKey::Snapshot {
@@ -1049,8 +1175,9 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
             {
                 writeln!(
                     out,
-                    "  snapshot  position {position:#018x}  {}  {} bytes",
-                    format_time(timestamp_ms),
+                    "  snapshot  position {position:#018x}  {} ({})  {} bytes",
+                    clock::rfc3339(timestamp_ms),
+                    clock::age(timestamp_ms, now),
                     s.size
                 )?;
             }
@@ -1075,7 +1202,7 @@ fn listed_json(s: &walship_engine::replica::Listed) -> serde_json::Value {
             timestamp_ms,
             ..
         } => serde_json::json!({
-            "key": s.name, "position": position, "time": format_time(timestamp_ms), "bytes": s.size,
+            "key": s.name, "position": position, "time": clock::rfc3339(timestamp_ms), "bytes": s.size,
         }),
         ObjectKey::Segment {
             start,
@@ -1083,14 +1210,7 @@ fn listed_json(s: &walship_engine::replica::Listed) -> serde_json::Value {
             timestamp_ms,
             ..
         } => serde_json::json!({
-            "key": s.name, "start": start, "end": end, "time": format_time(timestamp_ms), "bytes": s.size,
+            "key": s.name, "start": start, "end": end, "time": clock::rfc3339(timestamp_ms), "bytes": s.size,
         }),
     }
-}
-
-fn walship_format_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -100,15 +100,19 @@ pub fn restore_guide(d: &DbState, host: &str, listing: Option<&Listing>) -> Guid
     cmd(
         &mut t,
         format!(
-            "curl -fsS -H \"Authorization: Bearer $WALSHIP_API_TOKEN\" -o {} http://{host}/api/v1/databases/{name}/download",
-            sh(&format!("{name}.db"))
+            "curl -fsS -H \"Authorization: Bearer $WALSHIP_API_TOKEN\" -o {} {}",
+            sh(&format!("{name}.db")),
+            sh(&format!("http://{host}/api/v1/databases/{name}/download"))
         ),
     );
     cmd(
         &mut t,
         format!(
-            "curl -fsS -H \"Authorization: Bearer $WALSHIP_API_TOKEN\" -o {} 'http://{host}/api/v1/databases/{name}/download?timestamp={example_time}'",
-            sh(&format!("{name}-at.db"))
+            "curl -fsS -H \"Authorization: Bearer $WALSHIP_API_TOKEN\" -o {} {}",
+            sh(&format!("{name}-at.db")),
+            sh(&format!(
+                "http://{host}/api/v1/databases/{name}/download?timestamp={example_time}"
+            ))
         ),
     );
     if let Some(app) = fly {
@@ -121,10 +125,7 @@ pub fn restore_guide(d: &DbState, host: &str, listing: Option<&Listing>) -> Guid
             format!(
                 "fly ssh console --app {} -C {}",
                 sh(&app),
-                sh(&format!(
-                    "walship restore -o {scratch} {}",
-                    d.db.replica_url
-                ))
+                sh(&format!("walship restore -o {} {url}", sh(&scratch)))
             ),
         );
     }

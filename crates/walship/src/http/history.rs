@@ -136,17 +136,19 @@ pub struct History {
 }
 
 impl History {
-    /// Opens (creating the directory) `dir/<file>` and loads the recent runs of `db` from
-    /// it.
+    /// Opens `dir/<file>` and loads the recent runs of `db` from it. A directory that does
+    /// not exist yet is created with the first run recorded, so a replicator refused at
+    /// start leaves none behind.
     pub fn open(dir: &Path, file: &str, db: &str, max_bytes: u64) -> Result<History> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(file);
-        // Fail now, not at the first run, if the file cannot be written.
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        if dir.exists() {
+            // Fail now, not at the first run, if the file cannot be written.
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+        }
         let mut recent = read_runs(&[rotated(&path), path.clone()]);
         recent.retain(|r| r.db == db);
         if recent.len() > MEMORY_RUNS {
@@ -199,6 +201,10 @@ impl History {
         for r in runs {
             serde_json::to_writer(&mut buf, r)?;
             buf.push(b'\n');
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let len = std::fs::metadata(path).map_or(0, |m| m.len());
         if len > 0 && len + buf.len() as u64 > self.max_bytes {
@@ -561,7 +567,7 @@ pub fn command(a: &HistoryArgs) -> Result<ExitCode> {
             out,
             "{}{:<24}  {:>8}  {:<8}  {:<7}  {:>12}  {:>7}  {}",
             db_col(&r.db),
-            r.start,
+            rfc3339(r.start_ms),
             secs,
             kind,
             result,
@@ -651,6 +657,17 @@ mod tests {
         let again = History::open(dir.path(), "history.jsonl", "app", 4096)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(again.recent_with(&[], 10).len(), 1);
+    }
+
+    #[test]
+    fn the_state_directory_is_created_with_the_first_run_only() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = t.path().join("app.db-walship");
+        let h = History::open(&dir, "history.jsonl", "app", 4096).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!dir.exists());
+        h.append(&[Run::new("app", RunKind::Snapshot, T0)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_runs(&history_files(&dir)).len(), 1);
     }
 
     #[test]

@@ -54,6 +54,8 @@ use self::inventory::Inventory;
 use self::metrics::Metrics;
 use self::monitor::MonitorState;
 
+pub(crate) use crate::clock::{now_ms, parse_rfc3339, rfc3339};
+
 /// One replicator: a database and one of its replicas, under a unique name.
 #[derive(Debug, Clone)]
 pub struct Database {
@@ -203,8 +205,8 @@ struct DbState {
 }
 
 impl AppState {
-    /// Opens each database's history (creating its state directory) and sets up metrics and
-    /// the webhook sender. Names must be unique.
+    /// Opens each database's history (its state directory is created with the first run
+    /// recorded) and sets up metrics and the webhook sender. Names must be unique.
     pub fn new(dbs: Vec<Database>, opts: Options) -> Result<AppState> {
         let mut seen = std::collections::HashSet::new();
         let mut states = Vec::with_capacity(dbs.len());
@@ -388,31 +390,6 @@ pub async fn start(
     })
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// RFC 3339 with milliseconds, UTC.
-pub(crate) fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
-/// Parses an RFC 3339 time into ms since the epoch.
-pub(crate) fn parse_rfc3339(s: &str) -> Option<i64> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,13 +402,5 @@ mod tests {
         );
         assert_eq!(default_name(Path::new("/data/app.db")), "app");
         assert_eq!(default_name(Path::new("/data/my app.sqlite3")), "my_app");
-    }
-
-    #[test]
-    fn times_round_trip() {
-        let ms = 1_790_000_000_123;
-        let s = rfc3339(ms);
-        assert!(s.ends_with('Z'), "{s}");
-        assert_eq!(parse_rfc3339(&s), Some(ms));
     }
 }

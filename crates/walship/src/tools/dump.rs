@@ -4,10 +4,10 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::clock::rfc3339;
 use anyhow::{Context, Result};
 use clap::Args;
 use walship_engine::inspect::{self, DumpStats};
-use walship_format::key::format_time;
 
 use super::{blocking, parent_dir, restore_to_temp, sync_dir};
 use crate::cli::StoreArgs;
@@ -48,7 +48,7 @@ pub async fn command(a: DumpArgs) -> Result<ExitCode> {
             let target_ms = a
                 .timestamp
                 .as_deref()
-                .map(crate::parse_rfc3339)
+                .map(crate::clock::parse_timestamp)
                 .transpose()?;
             let temp_dir = a
                 .temp_dir
@@ -62,7 +62,7 @@ pub async fn command(a: DumpArgs) -> Result<ExitCode> {
             eprintln!(
                 "restored {} as of {} (generation {}, {} segments)",
                 replica.describe(),
-                format_time(r.report.timestamp_ms),
+                rfc3339(r.report.timestamp_ms),
                 r.report
                     .generation
                     .map(|g| g.to_string())

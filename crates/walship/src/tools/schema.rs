@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 use walship_engine::ReplicatorHandle;
 use walship_engine::inspect::{self, LiveDb, SchemaChange, SchemaEntry};
 use walship_engine::replica::Listed;
-use walship_format::key::{GenerationId, ObjectKey, format_time};
+use walship_format::key::{GenerationId, ObjectKey};
 
 use super::{Sink, blocking, now_ms};
 use crate::cli::StoreArgs;
+use crate::clock::rfc3339;
 
 /// `walship schema-diff`.
 #[derive(Debug, Args)]
@@ -125,7 +126,7 @@ pub async fn command(a: SchemaDiffArgs) -> Result<ExitCode> {
             key: snap.name.clone(),
             generation: g.to_string(),
             position: position(&snap.key),
-            time: format_time(snap.key.timestamp_ms()),
+            time: rfc3339(snap.key.timestamp_ms()),
             objects: schema.len(),
         };
         report.snapshots.push(here.clone());

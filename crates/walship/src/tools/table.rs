@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use crate::clock::rfc3339;
 use anyhow::{Context, Result};
 use walship_engine::{EngineError, RestoreOptions, inspect};
-use walship_format::key::format_time;
 
 use super::{blocking, parent_dir, sync_dir};
 use crate::cli::RestoreArgs;
@@ -26,7 +26,7 @@ pub async fn command(a: RestoreArgs) -> Result<ExitCode> {
     let target_ms = a
         .timestamp
         .as_deref()
-        .map(crate::parse_rfc3339)
+        .map(crate::clock::parse_timestamp)
         .transpose()?;
     let dir = parent_dir(&output);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -91,7 +91,7 @@ pub async fn command(a: RestoreArgs) -> Result<ExitCode> {
         tables.join(", "),
         replica.describe(),
         report.generation.map(|g| g.to_string()).unwrap_or_default(),
-        format_time(report.timestamp_ms),
+        rfc3339(report.timestamp_ms),
         show(&output)
     );
     Ok(ExitCode::SUCCESS)

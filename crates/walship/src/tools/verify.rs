@@ -29,13 +29,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::rfc3339;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use walship_engine::inspect::{self, LiveDb, Summary};
 use walship_engine::{Replica, ReplicatorHandle};
-use walship_format::key::format_time;
 
 use super::{Sink, blocking, now_ms, restore_to_temp};
 use crate::cli::StoreArgs;
@@ -172,7 +172,7 @@ impl VerifyReport {
             ok: false,
             message: String::new(),
             replica,
-            time: format_time(time_ms),
+            time: rfc3339(time_ms),
             time_ms,
             elapsed_ms: 0,
             generation: None,
@@ -251,7 +251,7 @@ async fn run(
     rep.snapshot = Some(r.snapshot.clone());
     rep.position = Some(r.position);
     rep.point_ms = Some(r.timestamp_ms);
-    rep.point_time = Some(format_time(r.timestamp_ms));
+    rep.point_time = Some(rfc3339(r.timestamp_ms));
     rep.segments = r.segments;
     rep.bytes = r.bytes;
     rep.skipped = r
@@ -324,8 +324,8 @@ async fn run(
         let lagging = match modified {
             Some(m) if handle.is_none() && m > point_ms => Some(format!(
                 "modified {}, point written {}",
-                format_time(m),
-                format_time(point_ms)
+                rfc3339(m),
+                rfc3339(point_ms)
             )),
             _ => None,
         };

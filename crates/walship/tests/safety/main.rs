@@ -11,4 +11,6 @@ mod common;
 mod exec;
 mod gaps;
 mod keys;
+mod ops;
+mod ops_logs;
 mod secrets;
