@@ -25,9 +25,18 @@ fn replicas(dir: &Path, tag: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Inserts `n` rows in one transaction.
-fn insert(db: &Path, n: usize) {
+/// The app: a database in WAL mode and a connection kept open, as a running app keeps one
+/// (the last connection to close checkpoints the WAL and removes it, which the next pass
+/// sees as a break).
+fn app(db: &Path) -> Connection {
+    create_db(db);
     let c = Connection::open(db).unwrap();
+    c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    c
+}
+
+/// Inserts `n` rows in one transaction.
+fn insert(c: &Connection, n: usize) {
     c.execute_batch("BEGIN").unwrap();
     for i in 0..n {
         c.execute(
@@ -133,8 +142,8 @@ fn replicate_once_ships_everything_and_a_restore_equals_the_database() {
     let dir = tempfile::tempdir().unwrap();
     for (kind, url) in replicas(dir.path(), "once") {
         let db = dir.path().join(format!("{kind}.db"));
-        create_db(&db);
-        insert(&db, 50);
+        let conn = app(&db);
+        insert(&conn, 50);
         let line = once_ok(&db, &url, &[]);
         assert!(line.contains("new generation"), "{kind}: {line}");
         assert_eq!(snapshot_count(&url), 1, "{kind}: one snapshot");
@@ -145,7 +154,7 @@ fn replicate_once_ships_everything_and_a_restore_equals_the_database() {
         );
 
         // A second pass continues the generation with the new rows.
-        insert(&db, 30);
+        insert(&conn, 30);
         let line = once_ok(&db, &url, &[]);
         assert!(!line.contains("new generation"), "{kind}: {line}");
         assert_eq!(
@@ -161,7 +170,7 @@ fn replicate_once_ships_everything_and_a_restore_equals_the_database() {
 
         // The lease was released: a continuous replicator starts at once and continues the
         // generation (with --on-conflict fail it would refuse a held lease).
-        insert(&db, 5);
+        insert(&conn, 5);
         let log = dir.path().join(format!("{kind}-rep.log"));
         let rep = Replicator::start(&db, &url, &["--on-conflict", "fail"], &log);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -187,6 +196,20 @@ fn replicate_once_ships_everything_and_a_restore_equals_the_database() {
             live_rows(&db),
             "{kind}"
         );
+
+        // The app closed its last connection between passes (SQLite checkpointed the WAL
+        // and removed it) and wrote again: the replica cannot be continued from the WAL on
+        // disk, so the pass starts a new generation, and a restore still equals the database.
+        drop(conn);
+        let conn = Connection::open(&db).unwrap();
+        insert(&conn, 12);
+        let line = once_ok(&db, &url, &[]);
+        assert!(line.contains("new generation"), "{kind}: {line}");
+        assert_eq!(
+            restored_rows(dir.path(), &url, None),
+            live_rows(&db),
+            "{kind}"
+        );
     }
 }
 
@@ -195,11 +218,11 @@ fn replicate_once_with_force_snapshot_writes_a_new_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     for (kind, url) in replicas(dir.path(), "force") {
         let db = dir.path().join(format!("{kind}.db"));
-        create_db(&db);
-        insert(&db, 20);
+        let conn = app(&db);
+        insert(&conn, 20);
         once_ok(&db, &url, &[]);
         assert_eq!(snapshot_count(&url), 1, "{kind}");
-        insert(&db, 20);
+        insert(&conn, 20);
         // Not due: the snapshot is seconds old.
         once_ok(&db, &url, &[]);
         assert_eq!(snapshot_count(&url), 1, "{kind}: no snapshot due");
@@ -222,10 +245,10 @@ fn replicate_once_on_an_idle_database_uploads_nothing_unless_a_snapshot_is_due()
     let dir = tempfile::tempdir().unwrap();
     for (kind, url) in replicas(dir.path(), "idle") {
         let db = dir.path().join(format!("{kind}.db"));
-        create_db(&db);
-        insert(&db, 20);
+        let conn = app(&db);
+        insert(&conn, 20);
         once_ok(&db, &url, &[]);
-        insert(&db, 20);
+        insert(&conn, 20);
         once_ok(&db, &url, &["--snapshot-interval", "1h"]);
         let before = inventory(&url);
 
@@ -287,11 +310,9 @@ fn replicate_once_with_a_config_file_replicates_every_database() {
         .to_string();
     let local = file_url(&dir.path().join("b-replica"));
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    for db in [&a, &b] {
-        create_db(db);
-        insert(db, 25);
-    }
-    insert(&b, 7);
+    let (ca, cb) = (app(&a), app(&b));
+    insert(&ca, 25);
+    insert(&cb, 32);
     let cfg = dir.path().join("walship.toml");
     std::fs::write(
         &cfg,
@@ -316,7 +337,8 @@ fn replicate_once_with_a_config_file_replicates_every_database() {
     assert_eq!(restored_rows(dir.path(), &local, None), live_rows(&b));
 
     // One failing database fails the run, with one line, and the other is still done.
-    insert(&a, 3);
+    insert(&ca, 3);
+    drop(cb);
     std::fs::remove_file(&b).unwrap();
     let o = walship()
         .args(["replicate", "--once", "--config"])
@@ -356,18 +378,18 @@ fn every_time_generations_prints_is_rfc3339_and_restores_that_point() {
     let dir = tempfile::tempdir().unwrap();
     for (kind, url) in replicas(dir.path(), "times") {
         let db = dir.path().join(format!("{kind}.db"));
-        create_db(&db);
+        let conn = app(&db);
         // Three states: a snapshot of the first, a forced snapshot of the second, and
         // segments of the third.
-        insert(&db, 10);
+        insert(&conn, 10);
         once_ok(&db, &url, &[]);
         let first = live_rows(&db);
         std::thread::sleep(Duration::from_millis(50));
-        insert(&db, 10);
+        insert(&conn, 10);
         once_ok(&db, &url, &["--force-snapshot"]);
         let second = live_rows(&db);
         std::thread::sleep(Duration::from_millis(50));
-        insert(&db, 10);
+        insert(&conn, 10);
         once_ok(&db, &url, &[]);
         let third = live_rows(&db);
 
@@ -449,7 +471,12 @@ fn every_time_generations_prints_is_rfc3339_and_restores_that_point() {
             third,
             "{kind}: at the newest time"
         );
-        assert!(text.contains(" ago)"), "{kind}: ages in:\n{text}");
+        for line in text.lines().filter(|l| !times_in(l).is_empty()) {
+            assert!(
+                line.contains("just now") || line.contains(" ago"),
+                "{kind}: no human age in `{line}`"
+            );
+        }
     }
 }
 
@@ -480,8 +507,8 @@ fn a_replica_written_by_a_clock_an_hour_ahead_shows_in_the_future() {
     let dir = tempfile::tempdir().unwrap();
     for (kind, url) in replicas(dir.path(), "ahead") {
         let db = dir.path().join(format!("{kind}.db"));
-        create_db(&db);
-        insert(&db, 10);
+        let conn = app(&db);
+        insert(&conn, 10);
         let o = walship_with_clock("+1h")
             .args(["replicate", "--once"])
             .arg(&db)
@@ -505,8 +532,8 @@ fn a_replica_written_by_a_clock_an_hour_ahead_shows_in_the_future() {
         );
         // The same replica by a correct clock: ages in the past.
         let db2 = dir.path().join(format!("{kind}-now.db"));
-        create_db(&db2);
-        insert(&db2, 3);
+        let conn2 = app(&db2);
+        insert(&conn2, 3);
         let (_, url2) = replicas(dir.path(), "now")
             .into_iter()
             .find(|(k, _)| *k == kind)
