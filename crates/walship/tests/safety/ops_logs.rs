@@ -26,10 +26,11 @@ fn db_with_rows(dir: &Path, name: &str) -> PathBuf {
     db
 }
 
-/// `walship replicate --once DB URL` with `env` set and WALSHIP_LOG as given (None: unset).
-fn once_cmd(db: &Path, url: &str, walship_log: Option<&str>, env: &[(&str, &str)]) -> Command {
+/// `walship snapshot DB URL` (a command that logs at info and debug levels) with `env` set
+/// and WALSHIP_LOG as given (None: unset).
+fn logging_cmd(db: &Path, url: &str, walship_log: Option<&str>, env: &[(&str, &str)]) -> Command {
     let mut c = walship();
-    c.args(["replicate", "--once"]).arg(db).arg(url);
+    c.arg("snapshot").arg(db).arg(url);
     match walship_log {
         Some(v) => c.env("WALSHIP_LOG", v),
         None => c.env_remove("WALSHIP_LOG"),
@@ -51,7 +52,7 @@ fn logs_have_colours_only_on_a_terminal_and_never_with_no_color() {
     let db = db_with_rows(dir.path(), "app.db");
     let url = file_url(&dir.path().join("replica"));
 
-    let o = once_cmd(&db, &url, Some("info"), &[]).output().unwrap();
+    let o = logging_cmd(&db, &url, Some("info"), &[]).output().unwrap();
     let err = stderr_of(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("INFO"), "no log lines: {err}");
@@ -60,12 +61,12 @@ fn logs_have_colours_only_on_a_terminal_and_never_with_no_color() {
         "ANSI escapes in a log on a pipe: {err:?}"
     );
 
-    let (st, tty) = run_on_pty(once_cmd(&db, &url, Some("info"), &[]));
+    let (st, tty) = run_on_pty(logging_cmd(&db, &url, Some("info"), &[]));
     assert!(st.success(), "{tty}");
     assert!(tty.contains("INFO"), "no log lines: {tty}");
     assert!(tty.contains("\x1b["), "no colours on a terminal: {tty:?}");
 
-    let (st, tty) = run_on_pty(once_cmd(&db, &url, Some("info"), &[("NO_COLOR", "1")]));
+    let (st, tty) = run_on_pty(logging_cmd(&db, &url, Some("info"), &[("NO_COLOR", "1")]));
     assert!(st.success(), "{tty}");
     assert!(tty.contains("INFO"), "no log lines: {tty}");
     assert!(!tty.contains('\x1b'), "colours despite NO_COLOR: {tty:?}");
@@ -77,14 +78,14 @@ fn rust_log_applies_when_walship_log_is_unset_and_walship_log_wins_over_it() {
     let db = db_with_rows(dir.path(), "app.db");
     let url = file_url(&dir.path().join("replica"));
 
-    let o = once_cmd(&db, &url, None, &[("RUST_LOG", "debug")])
+    let o = logging_cmd(&db, &url, None, &[("RUST_LOG", "debug")])
         .output()
         .unwrap();
     let err = stderr_of(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("DEBUG"), "RUST_LOG=debug ignored: {err}");
 
-    let o = once_cmd(&db, &url, Some("warn"), &[("RUST_LOG", "debug")])
+    let o = logging_cmd(&db, &url, Some("warn"), &[("RUST_LOG", "debug")])
         .output()
         .unwrap();
     let err = stderr_of(&o);
@@ -94,14 +95,14 @@ fn rust_log_applies_when_walship_log_is_unset_and_walship_log_wins_over_it() {
         "WALSHIP_LOG=warn must win over RUST_LOG: {err}"
     );
 
-    let mut c = once_cmd(&db, &url, Some("warn"), &[("RUST_LOG", "warn")]);
+    let mut c = logging_cmd(&db, &url, Some("warn"), &[("RUST_LOG", "warn")]);
     c.args(["--log-level", "debug"]);
     let o = c.output().unwrap();
     let err = stderr_of(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("DEBUG"), "--log-level must win: {err}");
 
-    let o = once_cmd(&db, &url, None, &[]).output().unwrap();
+    let o = logging_cmd(&db, &url, None, &[]).output().unwrap();
     let err = stderr_of(&o);
     assert!(err.contains("INFO") && !err.contains("DEBUG"), "{err}");
 }
@@ -244,7 +245,7 @@ fn serving(db: &Path, url: &str, log: &Path) -> (Replicator, String) {
     let rep = Replicator::start(db, url, &["--listen", "127.0.0.1:0"], log);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
         if let Some(l) = text.lines().find(|l| l.contains("HTTP server listening"))
             && let Some(a) = l.split("addr=").nth(1)
         {
@@ -254,6 +255,25 @@ fn serving(db: &Path, url: &str, log: &Path) -> (Replicator, String) {
         assert!(Instant::now() < deadline, "no listen line: {}", tail(log));
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `s` without ANSI escape sequences.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// GET `path` with a `Host` header of our choosing; the response body.
