@@ -141,13 +141,15 @@ impl History {
     /// start leaves none behind.
     pub fn open(dir: &Path, file: &str, db: &str, max_bytes: u64) -> Result<History> {
         let path = dir.join(file);
+        // Fail now, not at the first run, if the file cannot be written.
         if dir.exists() {
-            // Fail now, not at the first run, if the file cannot be written.
             OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
+        } else {
+            creatable(dir)?;
         }
         let mut recent = read_runs(&[rotated(&path), path.clone()]);
         recent.retain(|r| r.db == db);
@@ -238,6 +240,29 @@ impl History {
         out.truncate(limit);
         out
     }
+}
+
+/// Whether `dir`, which does not exist, could be created: its nearest existing ancestor is
+/// a directory something can be written in (tried with a temporary directory, removed at
+/// once).
+fn creatable(dir: &Path) -> Result<()> {
+    let ancestor = dir
+        .ancestors()
+        .skip(1)
+        .find(|a| a.as_os_str().is_empty() || a.exists())
+        .map(|a| {
+            if a.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                a
+            }
+        })
+        .unwrap_or(Path::new("/"));
+    tempfile::Builder::new()
+        .prefix(".walship-probe-")
+        .tempdir_in(ancestor)
+        .map(drop)
+        .with_context(|| format!("cannot create {}", dir.display()))
 }
 
 fn last_byte(path: &Path) -> Option<u8> {
@@ -665,6 +690,7 @@ mod tests {
         let dir = t.path().join("app.db-walship");
         let h = History::open(&dir, "history.jsonl", "app", 4096).unwrap_or_else(|e| panic!("{e}"));
         assert!(!dir.exists());
+        assert!(History::open(Path::new("/dev/null/x"), "history.jsonl", "app", 4096).is_err());
         h.append(&[Run::new("app", RunKind::Snapshot, T0)])
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read_runs(&history_files(&dir)).len(), 1);
