@@ -20,6 +20,19 @@ if [[ ! -x /usr/bin/chromium ]]; then
     fi
 fi
 
+# Debian's faketime, for the tests of writers whose clock is off (crates/walship/tests/safety/),
+# only when missing. Needs root (CI runs as root); otherwise the tests say how to install it.
+if [[ ! -x /usr/bin/faketime ]]; then
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "test-deps: installing faketime (apt-get)" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq faketime >/dev/null
+    else
+        echo "test-deps: /usr/bin/faketime is missing and this is not root with apt-get; install faketime for the clock tests" >&2
+    fi
+fi
+
 if [[ -x "$moto" ]]; then
     exit 0
 fi
