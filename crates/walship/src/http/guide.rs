@@ -141,6 +141,50 @@ pub fn restore_guide(d: &DbState, host: &str, listing: Option<&Listing>) -> Guid
 mod tests {
     use super::sh;
 
+    /// Reads back one shell word made of plain characters, `'...'` and `\c`, as POSIX sh
+    /// does; `None` if it is not exactly one word or holds anything sh would expand.
+    fn one_word(s: &str) -> Option<String> {
+        let mut out = String::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        c => out.push(c),
+                    }
+                },
+                '\\' => out.push(chars.next()?),
+                c if c.is_whitespace() || ";&|<>()$`\"*?[]#~{}!".contains(c) => return None,
+                c => out.push(c),
+            }
+        }
+        (!s.is_empty()).then_some(out)
+    }
+
+    #[test]
+    fn every_value_is_one_word_that_reads_back_as_itself() {
+        for v in [
+            "x; rm -rf /",
+            "x'; rm -rf / #",
+            "$(id)",
+            "`id`",
+            "a b\tc\nd",
+            "\"quoted\"",
+            "'",
+            "''",
+            "~root",
+            "*",
+            "back\\slash",
+            "",
+            "127.0.0.1:9090",
+            "http://x; rm -rf //api/v1/databases/app/download?timestamp=2026-11-23T20:30:00.000Z",
+        ] {
+            let q = sh(v);
+            assert_eq!(one_word(&q).as_deref(), Some(v), "{v:?} quoted as {q:?}");
+        }
+    }
+
     #[test]
     fn quotes_only_what_needs_it() {
         assert_eq!(sh("/data/app.db"), "/data/app.db");
