@@ -194,7 +194,7 @@ mod tests {
     fn the_json_result_names_the_generation_as_keys_do_and_the_time_in_rfc_3339() {
         let v = result_json(Path::new("/o.db"), "file:///r", &report(None), true);
         assert_eq!(v["generation"], GenerationId(5).to_string());
-        assert_eq!(v["time"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["time"], "2023-11-14T22:13:20.000Z");
         assert_eq!(v["objects_applied"], 3);
         assert_eq!(v["partial"], false);
         assert!(v["gap"].is_null());
