@@ -95,13 +95,33 @@ pub enum EngineError {
         writer: Option<String>,
     },
 
-    /// The replica holds nothing restorable.
-    #[error("no restorable backup in {replica}{}", if .target.is_some() { " at or before the requested time" } else { "" })]
+    /// The replica holds no object at all under `generations/`: there is nothing to
+    /// restore (the only case `restore --if-replica-exists` accepts).
+    #[error(
+        "no restorable backup in {replica}: it holds no objects (check the replica URL; \
+         --if-replica-exists treats this as nothing to restore)"
+    )]
     NothingToRestore {
         /// The replica.
         replica: String,
         /// The requested point in time, if any.
         target: Option<i64>,
+    },
+
+    /// The replica holds objects, but none could be restored: every snapshot damaged, no
+    /// snapshot, or none at or before the requested time. Never taken for an empty replica.
+    #[error(
+        "no restorable backup in {replica}{}, although it holds objects: {} (a damaged replica \
+         is not an empty one; see docs/runbook-emergency.md)",
+        at_target(.target), tried_list(.tried)
+    )]
+    Unrestorable {
+        /// The replica.
+        replica: String,
+        /// The requested point in time, if any.
+        target: Option<i64>,
+        /// Each object (or generation) tried, and why it failed.
+        tried: Vec<(String, String)>,
     },
 
     /// The output of a restore exists.
@@ -173,6 +193,28 @@ pub enum EngineError {
         report: Box<crate::restore::RestoreReport>,
     },
 }
+
+fn at_target(target: &Option<i64>) -> String {
+    target
+        .map(|t| format!(" at or before {}", walship_format::key::format_rfc3339(t)))
+        .unwrap_or_default()
+}
+
+/// `key: why; key: why`, at most [`TRIED_SHOWN`] of them, then how many more.
+fn tried_list(tried: &[(String, String)]) -> String {
+    let mut out: Vec<String> = tried
+        .iter()
+        .take(TRIED_SHOWN)
+        .map(|(k, why)| format!("{k}: {why}"))
+        .collect();
+    if tried.len() > TRIED_SHOWN {
+        out.push(format!("and {} more", tried.len() - TRIED_SHOWN));
+    }
+    format!("tried {}: {}", tried.len(), out.join("; ")).replace('\n', " ")
+}
+
+/// Objects an [`EngineError::Unrestorable`] message names one by one.
+const TRIED_SHOWN: usize = 8;
 
 impl EngineError {
     /// The error for a decoding failure of object `key`: a key problem stays a key problem

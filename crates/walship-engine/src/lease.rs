@@ -523,6 +523,23 @@ pub async fn current(store: &dyn ObjectStore) -> EngineResult<Option<LeaseRecord
     Ok(newest(store).await?.and_then(|(_, r)| r))
 }
 
+/// Who holds the replica's lease, if a replicator may be writing to it now: the newest
+/// lease is not released and its holder is not provably gone (an unreadable lease counts as
+/// held). Nothing is waited for, so a holder whose lease lapsed still counts: only its
+/// release, or its process found dead on this host, proves it stopped.
+pub async fn live_holder(store: &dyn ObjectStore) -> EngineResult<Option<String>> {
+    Ok(match newest(store).await? {
+        None => None,
+        Some((seq, None)) => Some(format!("an unreadable lease (seq {seq})")),
+        Some((_, Some(rec))) => live(&Me::get(), &rec).then(|| rec.describe()),
+    })
+}
+
+/// Whether `rec` says a replicator other than a provably gone one holds the lease.
+fn live(me: &Me, rec: &LeaseRecord) -> bool {
+    rec.state == LeaseState::Held && holder_gone(me, rec).is_none()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -670,6 +687,44 @@ mod tests {
             .unwrap();
         assert!(got.may_resume);
         assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_live_holder_is_one_not_released_and_not_provably_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        assert_eq!(live_holder(s.as_ref()).await.unwrap(), None, "no lease");
+        let c = CancellationToken::new();
+        let (mut a, _) = Lease::acquire(s.clone(), opts(60_000, OnConflict::Fail), &c)
+            .await
+            .unwrap();
+        let holder = live_holder(s.as_ref()).await.unwrap();
+        assert!(holder.is_some_and(|h| h.contains(a.owner())));
+        a.release().await.unwrap();
+        assert_eq!(live_holder(s.as_ref()).await.unwrap(), None, "released");
+        // A held lease of another host, however old, counts; an unreadable one too.
+        let foreign = LeaseRecord {
+            version: 1,
+            seq: 3,
+            owner: "someone".into(),
+            host: "elsewhere".into(),
+            pid: 1,
+            boot_id: "other".into(),
+            pid_ns: String::new(),
+            start_ticks: 0,
+            state: LeaseState::Held,
+            ttl_ms: 1,
+            written_ms: 0,
+        };
+        s.put(&lease_key(3), serde_json::to_vec(&foreign).unwrap().into())
+            .await
+            .unwrap();
+        assert!(live_holder(s.as_ref()).await.unwrap().is_some());
+        s.put(&lease_key(4), Bytes::from_static(b"garbage").into())
+            .await
+            .unwrap();
+        let h = live_holder(s.as_ref()).await.unwrap().unwrap();
+        assert!(h.contains("unreadable"), "{h}");
     }
 
     #[tokio::test]

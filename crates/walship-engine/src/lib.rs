@@ -72,5 +72,5 @@ pub use crate::compact::CompactionOptions;
 pub use crate::lease::{LeaseOptions, OnConflict};
 pub use crate::replica::Replica;
 pub use crate::replicate::{ReplicateOptions, ReplicatorHandle, Status};
-pub use crate::restore::{RestoreOptions, RestoreProgress, RestoreReport};
+pub use crate::restore::{RestoreOptions, RestoreProgress, RestoreReport, TimesBackwards};
 pub use crate::retention::RetentionPolicy;

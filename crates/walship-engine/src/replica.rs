@@ -94,6 +94,20 @@ impl Replica {
         Ok(out)
     }
 
+    /// True when nothing at all is stored under `generations/` (one LIST of one key): the
+    /// replica holds no data. Objects elsewhere (a lease) do not count.
+    pub async fn holds_nothing(&self) -> EngineResult<bool> {
+        let page = self
+            .store
+            .list_page(&ListRequest {
+                prefix: GENERATIONS_DIR.to_string(),
+                max_keys: Some(1),
+                ..Default::default()
+            })
+            .await?;
+        Ok(page.objects.is_empty() && page.common_prefixes.is_empty())
+    }
+
     /// All objects of a generation.
     pub async fn objects(&self, generation: GenerationId) -> EngineResult<GenerationObjects> {
         let all = list_all(self.store.as_ref(), &generation.prefix(), None).await?;

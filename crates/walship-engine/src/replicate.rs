@@ -331,7 +331,14 @@ pub fn spawn(
     let join = tokio::spawn(
         async move {
             let r = Replicator::start(
-                db_path, replica, opts, status_tx, cmd_rx, false, dirty, &cancel,
+                db_path,
+                replica,
+                opts,
+                status_tx,
+                cmd_rx,
+                Start::Resume,
+                dirty,
+                &cancel,
             )
             .await;
             match r {
@@ -346,14 +353,38 @@ pub fn spawn(
     (handle, join)
 }
 
-/// Writes one snapshot of `db_path` into a new generation of `replica` and returns
-/// `(generation, position, bytes)`. Safe while a replicator runs: it only reads the
-/// database, and writes one object into a generation of its own, so it takes no lease.
+/// What [`snapshot_once`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneShot {
+    /// The new generation.
+    pub generation: GenerationId,
+    /// The snapshot's position.
+    pub position: u64,
+    /// Bytes uploaded.
+    pub bytes: u64,
+    /// Set when a live replicator held the lease: its generation (which the new one ranks
+    /// below) and who holds the lease. `None`: the new generation is the newest.
+    pub below: Option<(GenerationId, String)>,
+}
+
+/// Writes one snapshot of `db_path` into a new generation of `replica`. Safe while a
+/// replicator runs: it only reads the database, and writes one object into a generation of
+/// its own, so it takes no lease. It reads the lease, though: while a live replicator holds
+/// it, the new generation's id goes just below that replicator's generation, which goes on
+/// receiving newer data and must stay the one a restore picks (docs/format.md, "Keys").
 pub async fn snapshot_once(
     db_path: &Path,
     replica: Replica,
     enable_wal: bool,
-) -> EngineResult<(GenerationId, u64, u64)> {
+) -> EngineResult<OneShot> {
+    let below = match crate::lease::live_holder(replica.store().as_ref()).await? {
+        Some(holder) => {
+            let gens = replica.generations().await?;
+            gens.first()
+                .and_then(|&live| GenerationId::below(live, &gens).map(|id| (id, live, holder)))
+        }
+        None => None,
+    };
     let (_cmd_tx, cmd_rx) = mpsc::channel(1);
     let (status_tx, status_rx) = watch::channel(Status::default());
     let opts = ReplicateOptions {
@@ -367,13 +398,28 @@ pub async fn snapshot_once(
         opts,
         status_tx,
         cmd_rx,
-        true,
+        Start::New(below.as_ref().map(|b| b.0)),
         Arc::new(AtomicI64::new(0)),
         &CancellationToken::new(),
     )
     .await?;
     let st = status_rx.borrow().clone();
-    Ok((rep.tail.generation, rep.tail.position, st.bytes_uploaded))
+    Ok(OneShot {
+        generation: rep.tail.generation,
+        position: rep.tail.position,
+        bytes: st.bytes_uploaded,
+        below: below.map(|(_, live, holder)| (live, holder)),
+    })
+}
+
+/// How a replicator begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Continue the replica's newest generation when the WAL provably continues it (and the
+    /// lease allows it); otherwise start a generation above every existing one.
+    Resume,
+    /// Start a new generation: with this id, or (`None`) above every existing one.
+    New(Option<GenerationId>),
 }
 
 /// The replicator's view of the log: what it has shipped (or queued) and how it got there.
@@ -511,6 +557,9 @@ struct Replicator {
     /// What a handoff read under the write lock and has not uploaded yet (its upload
     /// failed): shipped before anything else.
     residue: Option<Residue>,
+    /// The id a new generation takes (a one-shot snapshot's below a live replicator's);
+    /// `None`: above every existing one.
+    new_generation_id: Option<GenerationId>,
     /// The connection that copies the WAL back beside the loop (opened at its first copy),
     /// and the copy in flight (see `copy_back_beside`).
     copier: Option<Arc<Mutex<Copier>>>,
@@ -821,7 +870,7 @@ impl Replicator {
         opts: ReplicateOptions,
         status: watch::Sender<Status>,
         cmds: mpsc::Receiver<Command>,
-        force_new: bool,
+        start: Start,
         dirty: Arc<AtomicI64>,
         cancel: &CancellationToken,
     ) -> EngineResult<Replicator> {
@@ -863,7 +912,11 @@ impl Replicator {
                 return Err(e);
             }
         };
-        let end = if force_new || !may_resume { None } else { end };
+        let end = if start != Start::Resume || !may_resume {
+            None
+        } else {
+            end
+        };
         let tail = Tail {
             generation: GenerationId(0),
             epoch: 0,
@@ -920,6 +973,10 @@ impl Replicator {
             pending_since: None,
             compactor,
             residue: None,
+            new_generation_id: match start {
+                Start::New(id) => id,
+                Start::Resume => None,
+            },
         };
         // The first snapshot reads WAL frames a restart may overwrite when the pin sits on a
         // completely checkpointed WAL (read mark 0): take the pin again and start over.
@@ -1032,7 +1089,9 @@ impl Replicator {
         newest: Option<GenerationId>,
     ) -> EngineResult<()> {
         let rand: u32 = rand::random();
-        let generation = GenerationId::new_after(now_ms(), rand, newest);
+        let generation = self
+            .new_generation_id
+            .unwrap_or_else(|| GenerationId::new_after(now_ms(), rand, newest));
         let frames = est.scan.as_ref().map_or(0, |s| s.end());
         let overlay = est.overlay;
         let chain = est.scan.as_ref().map(|s| s.chain);

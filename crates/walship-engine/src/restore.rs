@@ -1,6 +1,8 @@
-//! Restore: the newest snapshot of the usable generation with the newest object (at or
-//! before a target time), then every segment that continues it, verified and applied in order, into a
-//! temporary file that is checked and renamed into place only at the end.
+//! Restore: the newest snapshot (by position) of the usable generation with the highest id
+//! (with a target time, of those holding a snapshot at or before it), then every segment
+//! that continues it, verified and applied in order, into a temporary file that is checked
+//! and renamed into place only at the end. No choice depends on a writer's clock
+//! (docs/format.md, "Restore").
 //!
 //! A restore that did not reach everything the replica holds at or before its target (a
 //! [`Gap`]: a missing or unusable segment, a damaged newest snapshot that forced an older
@@ -27,14 +29,14 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use walship_format::FormatError;
 use walship_format::crypto::KeyRing;
-use walship_format::key::{GenerationId, ObjectKey};
+use walship_format::key::{GENERATIONS_DIR, GenerationId, ObjectKey, format_rfc3339};
 use walship_format::object::{HEADER_SIZE, Kind, ObjectHeader, ObjectReader};
 use walship_format::wal::{FRAME_HEADER_SIZE, FrameChain, FrameCheck, WAL_MAGIC_BE};
 use walship_storage::{ObjectStore, StorageError};
 
 use crate::AbortOnDrop;
 use crate::error::{EngineError, EngineResult};
-use crate::replica::{Listed, Replica};
+use crate::replica::{GenerationObjects, Listed, Replica};
 
 /// Where a restore tells how far it has got: bytes of stored objects read, out of those it
 /// planned to read. A restore that falls back to another point starts again from `start`.
@@ -120,6 +122,40 @@ pub struct RestoreReport {
     /// What the restore did not reach although the replica holds it (at or before the
     /// target): `Some` makes the restore partial.
     pub gap: Option<Gap>,
+    /// With a target time: a generation ranked below the one restored holds a later object
+    /// (at or before the target) than any of it, so writers' clocks disagree.
+    pub times_backwards: Option<TimesBackwards>,
+}
+
+/// Object times that run backwards across generations (docs/format.md, "Restore"): a
+/// generation with a lower id holds an object written, by its writer's clock, after every
+/// object of the generation restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimesBackwards {
+    /// The generation restored.
+    pub restored: GenerationId,
+    /// Its newest object's time (at or before the target).
+    pub restored_newest_ms: i64,
+    /// The lower generation with the latest object.
+    pub lower: GenerationId,
+    /// That object's time.
+    pub lower_newest_ms: i64,
+}
+
+impl std::fmt::Display for TimesBackwards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "object times run backwards across generations: generation {} (lower id) holds an \
+             object written at {}, after every object of generation {} (restored, up to {}); a \
+             writer's clock was off, or the lower one is a one-shot snapshot taken while a \
+             replicator ran. Restore goes by generation id, not by time",
+            self.lower,
+            format_rfc3339(self.lower_newest_ms),
+            self.restored,
+            format_rfc3339(self.restored_newest_ms),
+        )
+    }
 }
 
 impl RestoreReport {
@@ -168,16 +204,24 @@ async fn restore_listed(
     let mut skipped: Vec<(String, String)> = Vec::new();
     // Generations tried before the one restored, that restored nothing: their objects lie
     // beyond the point restored.
-    let mut ahead: Vec<crate::replica::GenerationObjects> = Vec::new();
-    for (generation, objs) in by_recency(replica, target).await? {
+    let mut ahead: Vec<GenerationObjects> = Vec::new();
+    // Generations passed over without a snapshot to try, with why.
+    let mut passed: Vec<(String, String)> = Vec::new();
+    let generations = in_id_order(replica).await?;
+    for (generation, objs) in &generations {
+        let generation = *generation;
         for f in &objs.foreign {
             tracing::debug!(key = %f, "ignoring an object that is not walship's");
         }
+        // Snapshots by position, newest first; a target time only leaves later ones out.
         let candidates: Vec<&Listed> = objs
             .snapshots
             .iter()
             .filter(|s| s.key.timestamp_ms() <= target)
             .collect();
+        if candidates.is_empty() {
+            passed.push((generation.prefix(), no_snapshot(objs, opts.target_ms)));
+        }
         for snap in candidates {
             let ObjectKey::Snapshot { position, .. } = snap.key else {
                 continue;
@@ -226,6 +270,12 @@ async fn restore_listed(
             };
             match result {
                 Ok((mut report, tmp)) => {
+                    if opts.target_ms.is_some() {
+                        report.times_backwards = times_backwards(&generations, generation, target);
+                    }
+                    if let Some(b) = &report.times_backwards {
+                        tracing::warn!(restored = %b.restored, lower = %b.lower, "{b}");
+                    }
                     skipped.append(&mut report.skipped);
                     skipped.sort();
                     skipped.dedup();
@@ -233,7 +283,7 @@ async fn restore_listed(
                     for (key, why) in &report.skipped {
                         tracing::warn!(%key, reason = %why, "skipped");
                     }
-                    report.gap = find_gap(report.position, &objs, &ahead, target);
+                    report.gap = find_gap(report.position, objs, &ahead, target);
                     if let Some(gap) = &report.gap {
                         tracing::warn!(
                             generation = %generation, position = gap.from, beyond = gap.beyond.len(),
@@ -266,41 +316,103 @@ async fn restore_listed(
                 Err(e) => return Err(e),
             }
         }
-        ahead.push(objs);
+        ahead.push(objs.clone());
     }
     if let Some((key, why)) = skipped.first() {
         tracing::error!(%key, reason = %why, skipped = skipped.len(), "no usable snapshot");
     }
-    Err(EngineError::NothingToRestore {
-        replica: replica.describe(),
-        target: opts.target_ms,
-    })
+    Err(nothing_restored(replica, opts.target_ms, skipped, passed).await?)
 }
 
-/// The generations with an object at or before `target`, the one with the newest such object
-/// first (ties: the higher generation id). Not simply the newest generation id: a one-shot
-/// `walship snapshot` starts a generation of its own while a running replicator goes on
-/// writing newer data into its generation.
-async fn by_recency(
-    replica: &Replica,
-    target: i64,
-) -> EngineResult<Vec<(GenerationId, crate::replica::GenerationObjects)>> {
+/// Every generation with its objects, the highest id (the newest, by construction) first.
+async fn in_id_order(replica: &Replica) -> EngineResult<Vec<(GenerationId, GenerationObjects)>> {
     let mut gens = Vec::new();
+    // `generations` sorts by id, highest first.
     for generation in replica.generations().await? {
-        let objs = replica.objects(generation).await?;
-        let newest = objs
-            .snapshots
+        gens.push((generation, replica.objects(generation).await?));
+    }
+    Ok(gens)
+}
+
+/// Why a generation had no snapshot to try.
+fn no_snapshot(objs: &GenerationObjects, target_ms: Option<i64>) -> String {
+    let oldest = objs.snapshots.iter().map(|s| s.key.timestamp_ms()).min();
+    match (oldest, target_ms) {
+        (Some(t), Some(_)) => format!(
+            "no snapshot at or before the requested time (the oldest was written at {})",
+            format_rfc3339(t)
+        ),
+        _ if !objs.segments.is_empty() => {
+            format!("no snapshot ({} segments without one)", objs.segments.len())
+        }
+        _ => format!(
+            "no snapshot ({} keys walship did not write)",
+            objs.foreign.len()
+        ),
+    }
+}
+
+/// Whether a generation ranked below `restored` holds a later object (at or before
+/// `target`; `i64::MAX` for any) than any of `restored`'s. `generations` as listed.
+pub fn times_backwards(
+    generations: &[(GenerationId, GenerationObjects)],
+    restored: GenerationId,
+    target: i64,
+) -> Option<TimesBackwards> {
+    let newest = |o: &GenerationObjects| {
+        o.snapshots
             .iter()
-            .chain(&objs.segments)
+            .chain(&o.segments)
             .map(|l| l.key.timestamp_ms())
             .filter(|t| *t <= target)
-            .max();
-        if let Some(t) = newest {
-            gens.push((t, generation, objs));
-        }
+            .max()
+    };
+    let restored_newest_ms = generations
+        .iter()
+        .find(|(g, _)| *g == restored)
+        .and_then(|(_, o)| newest(o))?;
+    generations
+        .iter()
+        .filter(|(g, _)| *g < restored)
+        .filter_map(|(g, o)| newest(o).map(|t| (t, *g)))
+        .filter(|(t, _)| *t > restored_newest_ms)
+        .max()
+        .map(|(lower_newest_ms, lower)| TimesBackwards {
+            restored,
+            restored_newest_ms,
+            lower,
+            lower_newest_ms,
+        })
+}
+
+/// The error when nothing was restored: [`EngineError::NothingToRestore`] only when the
+/// replica holds no object at all under `generations/` (a lease alone holds no data);
+/// otherwise [`EngineError::Unrestorable`], naming what was tried and why each failed.
+async fn nothing_restored(
+    replica: &Replica,
+    target: Option<i64>,
+    skipped: Vec<(String, String)>,
+    passed: Vec<(String, String)>,
+) -> EngineResult<EngineError> {
+    if skipped.is_empty() && passed.is_empty() && replica.holds_nothing().await? {
+        return Ok(EngineError::NothingToRestore {
+            replica: replica.describe(),
+            target,
+        });
     }
-    gens.sort_by_key(|g| std::cmp::Reverse((g.0, g.1)));
-    Ok(gens.into_iter().map(|(_, g, o)| (g, o)).collect())
+    let mut tried = skipped;
+    tried.extend(passed);
+    if tried.is_empty() {
+        tried.push((
+            GENERATIONS_DIR.to_string(),
+            "keys walship did not write, and no generation".to_string(),
+        ));
+    }
+    Ok(EngineError::Unrestorable {
+        replica: replica.describe(),
+        target,
+        tried,
+    })
 }
 
 /// A temporary output that removes itself unless kept.
@@ -1077,5 +1189,86 @@ mod tests {
             Err(EngineError::IntegrityCheck(why)) => assert!(!why.is_empty()),
             other => panic!("a damaged page passed the check: {other:?}"),
         }
+    }
+
+    fn listed(key: ObjectKey) -> Listed {
+        Listed {
+            name: key.format(),
+            key,
+            size: 1,
+        }
+    }
+
+    /// A generation holding one snapshot at position 0 written at `t`.
+    fn generation(id: u64, t: i64) -> (GenerationId, GenerationObjects) {
+        let g = GenerationId(id);
+        let objs = GenerationObjects {
+            snapshots: vec![listed(ObjectKey::Snapshot {
+                generation: g,
+                position: 0,
+                timestamp_ms: t,
+            })],
+            ..Default::default()
+        };
+        (g, objs)
+    }
+
+    #[test]
+    fn times_run_backwards_only_when_a_lower_generation_holds_later_times() {
+        // Listed by id, highest first. A writer with its clock ahead made generation 1.
+        let gens = vec![generation(2, 1_000), generation(1, 5_000)];
+        let b = times_backwards(&gens, GenerationId(2), i64::MAX).unwrap();
+        assert_eq!((b.lower, b.lower_newest_ms), (GenerationId(1), 5_000));
+        assert_eq!(b.restored_newest_ms, 1_000);
+        assert!(b.to_string().contains("times run backwards"), "{b}");
+        // Before the lower generation's time, nothing disagrees.
+        assert_eq!(times_backwards(&gens, GenerationId(2), 4_000), None);
+        // In order: no warning.
+        let gens = vec![generation(2, 5_000), generation(1, 1_000)];
+        assert_eq!(times_backwards(&gens, GenerationId(2), i64::MAX), None);
+    }
+
+    #[tokio::test]
+    async fn only_a_replica_with_nothing_under_generations_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = walship_storage::LocalStore::new(dir.path().join("r")).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(store);
+        let replica = Replica::new(store.clone());
+        let e = nothing_restored(&replica, None, Vec::new(), Vec::new())
+            .await
+            .unwrap();
+        assert!(matches!(e, EngineError::NothingToRestore { .. }), "{e}");
+        // A lease alone holds no data.
+        store
+            .put("lease/fffffffffffffffe", Bytes::from_static(b"{}").into())
+            .await
+            .unwrap();
+        let e = nothing_restored(&replica, None, Vec::new(), Vec::new())
+            .await
+            .unwrap();
+        assert!(matches!(e, EngineError::NothingToRestore { .. }), "{e}");
+        // Anything under generations/ is not absent, even a key walship did not write.
+        store
+            .put("generations/README", Bytes::from_static(b"x").into())
+            .await
+            .unwrap();
+        let e = nothing_restored(&replica, None, Vec::new(), Vec::new())
+            .await
+            .unwrap();
+        assert!(matches!(e, EngineError::Unrestorable { .. }), "{e}");
+        // What was tried is named, with why.
+        let tried = vec![(
+            "generations/x/snapshots/s.wsnap".to_string(),
+            "corrupt: CRC".to_string(),
+        )];
+        let e = nothing_restored(&replica, Some(0), tried, Vec::new())
+            .await
+            .unwrap();
+        let msg = e.to_string();
+        assert!(matches!(e, EngineError::Unrestorable { .. }), "{msg}");
+        assert!(
+            msg.contains("s.wsnap: corrupt: CRC") && !msg.contains('\n'),
+            "{msg}"
+        );
     }
 }

@@ -20,13 +20,44 @@ impl GenerationId {
         GenerationId(((unix_ms.max(0) as u64) << 20) | u64::from(rand & 0xF_FFFF))
     }
 
-    /// A new id that is newer than `newest_existing` even if the clock went back.
+    /// A new id that is newer than `newest_existing` even if the clock went back (or the
+    /// creator of `newest_existing` had a clock ahead): when the clock's id is not above it,
+    /// the id two milliseconds after it, with `rand` as its random bits, which leaves at
+    /// least 2^20 unused ids below (room for [`GenerationId::below`]).
     pub fn new_after(unix_ms: i64, rand: u32, newest_existing: Option<GenerationId>) -> Self {
         let fresh = GenerationId::new(unix_ms, rand);
         match newest_existing {
-            Some(old) if old >= fresh => GenerationId(old.0.saturating_add(1)),
+            Some(old) if old >= fresh => {
+                let ms = (old.0 >> 20).saturating_add(2).min(u64::MAX >> 20);
+                GenerationId((ms << 20) | u64::from(rand & 0xF_FFFF))
+                    .max(GenerationId(old.0.saturating_add(1)))
+            }
             _ => fresh,
         }
+    }
+
+    /// An unused id just below `newest`, for a generation that must rank below it and above
+    /// every older one (a one-shot snapshot taken while a replicator writes into `newest`):
+    /// the midpoint between `newest` and the highest of `existing` below it (`newest - 2^21`
+    /// when there is none). When no id is free between the two, the highest unused id below
+    /// `newest`. `None` only when every id below `newest` is taken.
+    pub fn below(newest: GenerationId, existing: &[GenerationId]) -> Option<GenerationId> {
+        let floor = existing
+            .iter()
+            .copied()
+            .filter(|g| *g < newest)
+            .max()
+            .map_or(newest.0.saturating_sub(1 << 21), |g| g.0);
+        let mid = floor + (newest.0 - floor) / 2;
+        if mid > floor && mid < newest.0 {
+            return Some(GenerationId(mid));
+        }
+        let taken: std::collections::HashSet<u64> = existing.iter().map(|g| g.0).collect();
+        (0..newest.0)
+            .rev()
+            .take(taken.len() + 1)
+            .find(|id| !taken.contains(id))
+            .map(GenerationId)
     }
 
     /// Milliseconds since the epoch encoded in the id (the creator's clock).
@@ -200,6 +231,22 @@ fn parse_hex16(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
+/// Formats ms since the epoch as RFC 3339 with milliseconds, UTC
+/// (`YYYY-MM-DDTHH:MM:SS.mmmZ`), clamped as [`format_time`] does.
+pub fn format_rfc3339(ms: i64) -> String {
+    let k = format_time(ms);
+    format!(
+        "{}-{}-{}T{}:{}:{}.{}Z",
+        &k[0..4],
+        &k[4..6],
+        &k[6..8],
+        &k[9..11],
+        &k[11..13],
+        &k[13..15],
+        &k[15..18]
+    )
+}
+
 /// Formats ms since the epoch as `YYYYMMDDTHHMMSSmmmZ` (UTC). Times before 1970 or after
 /// 9999 are clamped into range.
 pub fn format_time(ms: i64) -> String {
@@ -317,9 +364,48 @@ mod tests {
     }
 
     #[test]
+    fn a_forced_id_leaves_room_below_it() {
+        let existing = GenerationId::new(5_000_000, 0xF_FFFF);
+        let next = GenerationId::new_after(1_000, 0, Some(existing));
+        assert!(next.0 - existing.0 > 1 << 20, "{next:?}");
+        assert_eq!(next.created_ms(), 5_000_002);
+        // A clock ahead of the newest keeps its own id.
+        let fresh = GenerationId::new_after(6_000_000, 3, Some(existing));
+        assert_eq!(fresh, GenerationId::new(6_000_000, 3));
+    }
+
+    #[test]
+    fn an_id_below_ranks_between_the_newest_and_everything_older() {
+        let older = GenerationId::new(1_000, 9);
+        let newest = GenerationId::new_after(900, 1, Some(older));
+        let a = GenerationId::below(newest, &[older, newest]).unwrap();
+        assert!(older < a && a < newest, "{a:?}");
+        // A later one ranks above the earlier one, still below the newest.
+        let b = GenerationId::below(newest, &[older, a, newest]).unwrap();
+        assert!(a < b && b < newest, "{b:?}");
+        // Alone: just below it.
+        let c = GenerationId::below(newest, &[newest]).unwrap();
+        assert!(c < newest && newest.0 - c.0 <= 1 << 21);
+        // No room between: the highest unused id below.
+        let tight = [GenerationId(100), GenerationId(101)];
+        assert_eq!(
+            GenerationId::below(GenerationId(101), &tight),
+            Some(GenerationId(99))
+        );
+        assert_eq!(
+            GenerationId::below(GenerationId(0), &[GenerationId(0)]),
+            None
+        );
+    }
+
+    #[test]
     fn time_formats_like_the_spec() {
         assert_eq!(format_time(0), "19700101T000000000Z");
         assert_eq!(format_time(1_700_000_000_123), "20231114T221320123Z");
+        assert_eq!(
+            format_rfc3339(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
         assert_eq!(parse_time("20231114T221320123Z"), Some(1_700_000_000_123));
         assert_eq!(parse_time("20230231T000000000Z"), None);
     }

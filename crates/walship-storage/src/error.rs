@@ -43,6 +43,12 @@ pub enum StorageError {
     #[error("invalid object key `{key}`: {reason}")]
     InvalidKey { key: String, reason: String },
 
+    /// The parent directory of a `file://` replica does not exist (walship creates the
+    /// replica directory itself, never its parents, so a typo is not taken for an empty
+    /// replica).
+    #[error("parent directory {} does not exist: check the path (walship creates only the replica directory itself)", path.display())]
+    MissingParent { path: std::path::PathBuf },
+
     /// A local filesystem error.
     #[error("{context}: {source}")]
     Io {
@@ -79,7 +85,8 @@ impl StorageError {
             | StorageError::NoSuchBucket { .. }
             | StorageError::AccessDenied { .. }
             | StorageError::InvalidUrl { .. }
-            | StorageError::InvalidKey { .. } => false,
+            | StorageError::InvalidKey { .. }
+            | StorageError::MissingParent { .. } => false,
         }
     }
 

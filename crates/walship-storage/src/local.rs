@@ -92,15 +92,57 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
-    /// Opens (creating it if needed) the store rooted at `root`.
+    /// Opens the store rooted at `root`, creating nothing: the directory is created at the
+    /// first write (never its parent), so a reader never leaves one behind. A `root` whose
+    /// parent directory does not exist is refused ([`StorageError::MissingParent`]): a
+    /// mistyped path must not pass for an empty replica.
     pub fn new(root: PathBuf) -> StorageResult<Self> {
         let root = std::path::absolute(&root)
             .map_err(|e| StorageError::io(format!("resolving {}", root.display()), e))?;
-        fs::create_dir_all(&root).map_err(|e| {
-            StorageError::io(format!("creating replica directory {}", root.display()), e)
-        })?;
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StorageError::io(
+                    format!("replica directory {}", root.display()),
+                    io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => check_parent(&root)?,
+            Err(e) => {
+                return Err(StorageError::io(
+                    format!("replica directory {}", root.display()),
+                    e,
+                ));
+            }
+        }
         let describe = crate::ReplicaUrl::File { path: root.clone() }.to_string();
         Ok(LocalStore { root, describe })
+    }
+
+    /// Creates the replica directory if it does not exist yet (writers only), fsyncing the
+    /// parent that gained it.
+    fn ensure_root(&self) -> StorageResult<()> {
+        if self.root.is_dir() {
+            return Ok(());
+        }
+        check_parent(&self.root)?;
+        match fs::create_dir(&self.root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => {
+                return Err(StorageError::io(
+                    format!("creating replica directory {}", self.root.display()),
+                    e,
+                ));
+            }
+        }
+        if let Some(parent) = self.root.parent() {
+            fsync_dir(parent).map_err(|e| {
+                StorageError::io(format!("syncing directory {}", parent.display()), e)
+            })?;
+        }
+        tracing::info!(store = %self.describe, "created the replica directory");
+        Ok(())
     }
 
     /// The directory this store writes under.
@@ -118,6 +160,16 @@ impl LocalStore {
             store: self.describe.clone(),
             key: key.to_string(),
         }
+    }
+}
+
+/// Refuses a replica directory whose parent does not exist.
+fn check_parent(root: &Path) -> StorageResult<()> {
+    match root.parent() {
+        Some(parent) if !parent.is_dir() => Err(StorageError::MissingParent {
+            path: parent.to_path_buf(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -339,6 +391,7 @@ pub(crate) fn paginate(mut objects: Vec<ObjectMeta>, req: &ListRequest) -> ListP
 impl ObjectStore for LocalStore {
     async fn put_with(&self, key: &str, body: PutBody, opts: &PutOptions) -> StorageResult<()> {
         let dest = self.path_of(key)?;
+        self.ensure_root()?;
         let tmp = self.root.join(random_tmp_name());
         let context = || format!("writing `{key}` to {}", dest.display());
         let exclusive = opts.if_none_match;
@@ -568,6 +621,47 @@ mod tests {
 
     fn keys(page: &ListPage) -> Vec<&str> {
         page.objects.iter().map(|o| o.key.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn readers_create_nothing_and_the_first_write_creates_the_directory() {
+        let base = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let root = base.path().join("replica");
+        let store = LocalStore::new(root.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let page = store
+            .list_page(&ListRequest::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(page.objects.is_empty());
+        assert!(
+            store
+                .head("a/b")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .is_none()
+        );
+        assert!(!root.exists(), "a reader created the replica directory");
+        store
+            .put("a/b", Bytes::from_static(b"x").into())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(root.join("a/b").is_file());
+    }
+
+    #[test]
+    fn a_root_whose_parent_is_missing_is_refused() {
+        let base = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let parent = base.path().join("typo");
+        let err = LocalStore::new(parent.join("replica")).err();
+        let msg = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.contains(&format!(
+                "parent directory {} does not exist",
+                parent.display()
+            )),
+            "{msg}"
+        );
+        assert!(!parent.exists());
     }
 
     #[test]

@@ -326,7 +326,8 @@ pub struct RestoreArgs {
     /// Do nothing (exit 0) if OUTPUT exists.
     #[arg(long)]
     pub if_db_not_exists: bool,
-    /// Do nothing (exit 0) if the replica holds no backup.
+    /// Do nothing (exit 0) if the replica holds no objects at all. A replica whose objects
+    /// fail to restore is still an error.
     #[arg(long)]
     pub if_replica_exists: bool,
     /// Replace OUTPUT if it exists (and its -wal and -shm).

@@ -870,6 +870,9 @@ async fn restore_run(a: RestoreArgs) -> Result<ExitCode> {
     match result {
         Ok(report) => {
             tools::print_skipped(&report);
+            if let Some(b) = &report.times_backwards {
+                eprintln!("warning: {b}");
+            }
             eprintln!(
                 "{}",
                 restore_result::result_line(&output, &replica.describe(), &report)
@@ -895,7 +898,10 @@ async fn restore_run(a: RestoreArgs) -> Result<ExitCode> {
             Ok(ExitCode::from(EXIT_PARTIAL))
         }
         Err(walship_engine::EngineError::NothingToRestore { .. }) if a.if_replica_exists => {
-            eprintln!("no backup in {}; nothing restored", replica.describe());
+            eprintln!(
+                "no backup in {} (it holds no objects); nothing restored",
+                replica.describe()
+            );
             if a.json {
                 print_json(&restore_result::nothing_json(
                     &output,
@@ -1031,10 +1037,19 @@ async fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
         }
         .await;
         match r {
-            Ok(report) => eprintln!(
-                "snapshot of {what} written: generation {}, position {:#x}, {} bytes",
-                report.0, report.1, report.2
-            ),
+            Ok(shot) => {
+                let rank = match &shot.below {
+                    None => "the newest generation".to_string(),
+                    Some((live, holder)) => format!(
+                        "ranked below generation {live}, which the running replicator ({holder}) \
+                         writes and a restore picks first; this snapshot is an older restore point"
+                    ),
+                };
+                eprintln!(
+                    "snapshot of {what} written: generation {} ({rank}), position {:#x}, {} bytes",
+                    shot.generation, shot.position, shot.bytes
+                )
+            }
             Err(e) => {
                 tracing::error!(error = %one_line(&e), "snapshot of {what} failed");
                 failures.push(e);
@@ -1128,9 +1143,28 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
             clock::age(l.written_ms, now)
         )?;
     }
-    let mut json = Vec::new();
+    let mut listed = Vec::with_capacity(gens.len());
     for g in gens {
-        let objs = replica.objects(g).await?;
+        listed.push((g, replica.objects(g).await?));
+    }
+    // What restore picks: the highest id with a snapshot, never by a writer's clock.
+    let picked = listed
+        .iter()
+        .find(|(_, o)| !o.snapshots.is_empty())
+        .map(|(g, _)| *g);
+    if !a.json
+        && let Some(p) = picked
+    {
+        writeln!(
+            out,
+            "restore picks generation {p} (generations are listed and chosen by id, newest first; object times come from writers' clocks)"
+        )?;
+        if let Some(b) = walship_engine::restore::times_backwards(&listed, p, i64::MAX) {
+            writeln!(out, "note: {b}")?;
+        }
+    }
+    let mut json = Vec::new();
+    for (g, objs) in listed {
         let bytes: u64 = objs
             .snapshots
             .iter()
@@ -1153,6 +1187,7 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
                 "bytes": bytes,
                 "newest": clock::rfc3339(newest),
                 "foreign": objs.foreign,
+                "restore_picks": picked == Some(g),
             }));
             continue;
         }

@@ -32,6 +32,12 @@ pub fn result_line(output: &Path, replica: &str, r: &RestoreReport) -> String {
             gap.describe()
         ));
     }
+    if let Some(b) = &r.times_backwards {
+        line.push_str(&format!(
+            "; object times run backwards: generation {} (ranked lower) holds later times",
+            b.lower
+        ));
+    }
     line
 }
 
@@ -54,6 +60,13 @@ pub fn result_json(output: &Path, replica: &str, r: &RestoreReport, restored: bo
         "skipped": r.skipped.iter().map(|(key, reason)| json!({"key": key, "reason": reason})).collect::<Vec<_>>(),
         "partial": r.partial(),
         "gap": r.gap.as_ref().map(gap_json),
+        "times_backwards": r.times_backwards.as_ref().map(|b| json!({
+            "restored_generation": b.restored.to_string(),
+            "restored_newest": rfc3339(b.restored_newest_ms),
+            "lower_generation": b.lower.to_string(),
+            "lower_newest": rfc3339(b.lower_newest_ms),
+            "description": b.to_string(),
+        })),
     })
 }
 

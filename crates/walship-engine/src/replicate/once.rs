@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use walship_format::key::{GenerationId, ObjectKey};
 
-use super::{Replicator, Status, now_ms};
+use super::{Replicator, Start, Status, now_ms};
 use crate::error::EngineResult;
 use crate::replica::Replica;
 use crate::replicate::ReplicateOptions;
@@ -66,7 +66,14 @@ pub async fn once(
         let (status_tx, status_rx) = watch::channel(Status::default());
         let dirty = Arc::new(AtomicI64::new(0));
         let mut rep = Replicator::start(
-            db_path, replica, opts, status_tx, cmd_rx, false, dirty, cancel,
+            db_path,
+            replica,
+            opts,
+            status_tx,
+            cmd_rx,
+            Start::Resume,
+            dirty,
+            cancel,
         )
         .await?;
         let r = pass(&mut rep, force_snapshot).await;

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use walship_format::key::{GenerationId, ObjectKey};
 
 use super::gap::{Gap, find_gap};
-use crate::error::{EngineError, EngineResult};
+use crate::error::EngineResult;
 use crate::replica::{Listed, Replica};
 
 /// The objects a restore would read, and what it would leave out.
@@ -36,12 +36,14 @@ pub struct RestorePlan {
 pub async fn plan(replica: &Replica, target_ms: Option<i64>) -> EngineResult<RestorePlan> {
     let target = target_ms.unwrap_or(i64::MAX);
     let mut ahead = Vec::new();
-    for (generation, objs) in super::by_recency(replica, target).await? {
+    let mut passed = Vec::new();
+    for (generation, objs) in super::in_id_order(replica).await? {
         let Some(snap) = objs
             .snapshots
             .iter()
             .find(|s| s.key.timestamp_ms() <= target)
         else {
+            passed.push((generation.prefix(), super::no_snapshot(&objs, target_ms)));
             ahead.push(objs);
             continue;
         };
@@ -72,8 +74,5 @@ pub async fn plan(replica: &Replica, target_ms: Option<i64>) -> EngineResult<Res
             gap,
         });
     }
-    Err(EngineError::NothingToRestore {
-        replica: replica.describe(),
-        target: target_ms,
-    })
+    Err(super::nothing_restored(replica, target_ms, Vec::new(), passed).await?)
 }

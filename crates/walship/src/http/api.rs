@@ -334,7 +334,11 @@ fn engine_error(what: &str, e: &EngineError) -> ApiError {
         EngineError::Cancelled => {
             ApiError::unavailable(format!("{what}: walship is shutting down"))
         }
-        EngineError::NothingToRestore { .. } => ApiError::not_found(format!("{what}: {e}")),
+        // An empty replica, or nothing restorable at the time asked for.
+        EngineError::NothingToRestore { .. }
+        | EngineError::Unrestorable {
+            target: Some(_), ..
+        } => ApiError::not_found(format!("{what}: {e}")),
         EngineError::Partial { .. } => {
             ApiError::new(StatusCode::CONFLICT, "partial", format!("{what}: {e}"))
         }

@@ -213,16 +213,16 @@ async fn list(replica: &Replica) -> walship_engine::EngineResult<Listing> {
                 }
             }
             info.end_position = end;
-            if i == 0 {
+            // The newest point is where a restore goes: the highest generation id with a
+            // snapshot (generations are listed by id; never by a writer's clock).
+            if out.newest_ms.is_none() {
                 out.replay_since_ms = first_after;
+                out.newest_ms = hi;
+                out.newest_snapshot_ms = Some(newest_snap.time_ms);
             }
         }
         out.snapshots += info.snapshots.len() as u64;
         out.bytes += info.bytes;
-        if out.newest_ms.is_none() {
-            out.newest_ms = hi;
-            out.newest_snapshot_ms = info.snapshots.first().map(|s| s.time_ms);
-        }
         out.generations.push(info);
     }
     out.newest = out.newest_ms.map(rfc3339);

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
 
+mod absent;
+mod clock;
 #[path = "../common/mod.rs"]
 mod common;
 
