@@ -1157,7 +1157,7 @@ async fn generations(a: GenerationsArgs) -> Result<ExitCode> {
     {
         writeln!(
             out,
-            "restore picks generation {p} (generations are listed and chosen by id, newest first; object times come from writers' clocks)"
+            "restore starts from generation {p} (generations are listed and chosen by id, newest first; object times come from writers' clocks)"
         )?;
         if let Some(b) = walship_engine::restore::times_backwards(&listed, p, i64::MAX) {
             writeln!(out, "note: {b}")?;
