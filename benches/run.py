@@ -1808,7 +1808,7 @@ def summarize(h: Harness, info: dict, profile: str, elapsed: float) -> str:
                 f"median {fmt(free, 0)} MiB), so that the run's new pages come from "
                 "the page cache, as on a server that has been up a while (median read "
                 f"{fmt(median(setup.get('filler_reads_s') or []), 1)} s; why: "
-                "docs/benchmarks.md, \"Fresh memory\")." if filler else
+                "docs/benchmarks-archive.md, \"Fresh memory\")." if filler else
                 " Large runs start with whatever memory is free.")
         L.append(f"Writer: Python sqlite3, WAL, synchronous=NORMAL, {h.p.load_seconds:g} s per "
                  f"small-transaction run and {h.p.load_seconds_large:g} s per large one "

@@ -551,7 +551,7 @@ fn sibling(db: &Path, suffix: &str) -> PathBuf {
 
 /// A connection of its own that copies the WAL back (PASSIVE checkpoints) on a blocking
 /// thread beside the replicator's loop, so that a long copy back never holds up shipping
-/// (see docs/ARCHITECTURE.md, "Copying back beside the loop"). Like `Db`'s connections it
+/// (see docs/design/replicator.md, "Copying back beside the loop"). Like `Db`'s connections it
 /// never writes a transaction and never checkpoints on close.
 pub struct Copier {
     conn: Connection,

@@ -51,7 +51,7 @@ const FOLLOW_UPS: u32 = 40;
 /// writes round a 256 MiB region run at 0.66× the rate of a 4 MiB one). Each handoff makes
 /// the app wait for the write lock once (a checkpoint's two fsyncs): four a second bound the
 /// WAL to a quarter of a second of writes for a few such waits. Same-run A/Bs of one, two,
-/// four and ten a second: docs/benchmarks.md, "Four handoffs per sync interval".
+/// four and ten a second: docs/benchmarks-archive.md, "Four handoffs per sync interval".
 const HANDOFFS_PER_INTERVAL: u32 = 4;
 /// The window over which the app's write rate is measured. A load reads light only once a
 /// whole window has passed without a heavy round: at the start of a burst the last window
