@@ -208,6 +208,21 @@ fn a_store_that_stops_answering_shows_within_seconds_and_recovers() {
     let h = get_json(&base, "/health");
     let reasons = h["databases"][0]["reasons"].to_string();
     assert!(reasons.contains("storage"), "{h:#}");
+    // The call itself ends at its read timeout (not minutes later) and is retried.
+    let timed_out = wait_for(
+        Duration::from_secs(30),
+        "a timed-out call to be retried",
+        &log,
+        || {
+            let w = warn_lines(&log);
+            if w.iter().any(|l| l.contains("did not answer in time")) {
+                Ok(())
+            } else {
+                Err(format!("{} WARN lines", w.len()))
+            }
+        },
+    );
+    println!("first timeout retried after {:?}", in_log + timed_out);
 
     // The store answers again: replication catches up by itself, health recovers.
     let unblocked = now_text(&base);
@@ -267,14 +282,30 @@ fn a_lease_renewal_against_a_silent_store_times_out_instead_of_hanging() {
     insert_rows(&db, 5);
     wait_for(
         Duration::from_secs(15),
-        "the status to show the stall",
+        "the status to show the stalled lease renewal",
         &log,
         || {
             let st = db_status(&base);
-            if st["last_error"].is_string() {
+            let call = st["storage_stalled_call"].as_str().unwrap_or_default();
+            if st["last_error"].is_string() && call.starts_with("put `lease/") {
                 Ok(())
             } else {
                 Err(st.to_string())
+            }
+        },
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the lease renewal to time out",
+        &log,
+        || {
+            let w = warn_lines(&log);
+            if w.iter()
+                .any(|l| l.contains("lease/") && l.contains("did not answer in time"))
+            {
+                Ok(())
+            } else {
+                Err(format!("{} WARN lines", w.len()))
             }
         },
     );
