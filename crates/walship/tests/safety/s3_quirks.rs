@@ -62,6 +62,13 @@ fn a_large_snapshot_whose_completion_reply_is_unreadable_is_checked_not_failed()
     wait_synced_after(&base, &before, &log, Duration::from_secs(60));
     let st = rep.terminate(Duration::from_secs(60));
     assert!(st.success(), "replicate failed:\n{}", tail(&log));
+    // The upload was judged by the object the store holds, not by the reply.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("the store holds the whole object"),
+        "no completion was checked:\n{}",
+        tail(&log)
+    );
     let out = dir.path().join("restored.db");
     restore_ok(&url, &out);
     assert_eq!(count_rows(&out), 2_510);
