@@ -131,6 +131,11 @@ pub struct ReplicateOptions {
     /// snapshots read) kept in memory; more are written out beside the database, 8 bytes a
     /// page. Default 229,376 (about 2.3 MiB).
     pub overlay_pages: usize,
+    /// Retry a start that fails on a transient error (the first snapshot's upload, usually)
+    /// with backoff, the status saying why, until it works or the replicator is cancelled.
+    /// Default: on; off for one-shot runs (`snapshot_once`, `once`), whose caller reports
+    /// the error.
+    pub retry_start: bool,
     /// A storage call that goes this long without progress is reported as stalled (a WARN,
     /// [`Status::stalled_since_ms`], `last_error`) while it goes on. Default 10 s
     /// (`walship_storage::StoreTimeouts::stall_after` of the default timeouts).
@@ -153,6 +158,7 @@ impl Default for ReplicateOptions {
             slow_copy_back: Duration::from_millis(250),
             max_wal_bytes: None,
             overlay_pages: crate::overlay::SPILL_PAGES,
+            retry_start: true,
             stall_after: Duration::from_secs(10),
         }
     }
@@ -413,6 +419,7 @@ pub async fn snapshot_once(
     let opts = ReplicateOptions {
         enable_wal,
         lease: None,
+        retry_start: false,
         ..Default::default()
     };
     let rep = Replicator::start(
@@ -1013,7 +1020,7 @@ impl Replicator {
                 }
                 // A store that fails for a while (or answers in a way that does not parse)
                 // does not end the replicator: the status says why it is not up yet.
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_transient() && rep.opts.retry_start => {
                     failures += 1;
                     let delay = start_retry_delay(failures);
                     rep.start_failed(&e, failures, delay);
@@ -2612,6 +2619,12 @@ fn watch_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_start_is_retried_after_1_s_doubling_to_30_s() {
+        let delays: Vec<u64> = (1..=8).map(|n| start_retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
 
     #[test]
     fn a_load_is_light_when_a_sync_gap_adds_under_a_quarter_of_the_checkpoint_threshold() {

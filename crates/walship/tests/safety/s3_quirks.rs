@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::Connection;
+use walship_storage::testkit::MotoServer;
 
 use crate::common::{create_db, restore_ok, tail};
 use crate::http_support::{count_rows, insert_rows};
@@ -35,9 +36,12 @@ fn large_db(dir: &Path) -> PathBuf {
 fn a_large_snapshot_whose_completion_reply_is_unreadable_is_checked_not_failed() {
     let dir = tempfile::tempdir().unwrap();
     let db = large_db(dir.path());
-    let proxy = moto_proxy();
+    // A server of its own: tens of MiB of objects would slow every other test's dumps of
+    // the shared server's state.
+    let moto = MotoServer::start();
+    let proxy = moto_proxy(&moto);
     proxy.rename_complete_multipart_root(true);
-    let url = url_through(&proxy, "quirk-complete");
+    let url = url_through(&proxy, &moto, "quirk-complete");
     let log = dir.path().join("replicate.log");
     let (mut rep, base) = replicate_listening(&db, &url, &["--shutdown-timeout", "60s"], &log);
     wait_for(Duration::from_secs(60), "the first sync", &log, || {
@@ -78,10 +82,11 @@ fn a_large_snapshot_whose_completion_reply_is_unreadable_is_checked_not_failed()
 fn a_snapshot_failing_at_start_up_is_retried_while_health_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let db = large_db(dir.path());
-    let proxy = moto_proxy();
+    let moto = MotoServer::start();
+    let proxy = moto_proxy(&moto);
     // Every multipart upload fails at once (HTTP 503) until the proxy lets them through.
     proxy.refuse_multipart_uploads(true);
-    let url = url_through(&proxy, "quirk-startup");
+    let url = url_through(&proxy, &moto, "quirk-startup");
     let log = dir.path().join("replicate.log");
     let (mut rep, base) = replicate_listening(&db, &url, &["--shutdown-timeout", "60s"], &log);
     wait_for(

@@ -13,9 +13,8 @@ use crate::common::{Replicator, create_db, restore_ok, tail};
 use crate::http_support::{client, count_rows, insert_rows, listen_addr, sample, strip_ansi};
 use crate::proxy::Proxy;
 
-/// A replica URL on the shared moto server, reached through `proxy`.
-pub fn url_through(proxy: &Proxy, tag: &str) -> String {
-    let moto = MotoServer::shared();
+/// A replica URL on `moto`, reached through `proxy`.
+pub fn url_through(proxy: &Proxy, moto: &MotoServer, tag: &str) -> String {
     format!(
         "s3://{}/{}?endpoint={}&region=us-east-1&force-path-style=true",
         moto.bucket(),
@@ -24,9 +23,8 @@ pub fn url_through(proxy: &Proxy, tag: &str) -> String {
     )
 }
 
-/// A proxy in front of the shared moto server.
-pub fn moto_proxy() -> Proxy {
-    let moto = MotoServer::shared();
+/// A proxy in front of `moto`.
+pub fn moto_proxy(moto: &MotoServer) -> Proxy {
     Proxy::start(([127, 0, 0, 1], moto.port()).into())
 }
 
@@ -147,8 +145,9 @@ fn fresh_db(dir: &Path, rows: usize) -> PathBuf {
 fn a_store_that_stops_answering_shows_within_seconds_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let db = fresh_db(dir.path(), 50);
-    let proxy = moto_proxy();
-    let url = url_through(&proxy, "stall");
+    let moto = MotoServer::shared();
+    let proxy = moto_proxy(moto);
+    let url = url_through(&proxy, moto, "stall");
     let log = dir.path().join("replicate.log");
     let (rep, base) = replicate_listening(
         &db,
@@ -257,8 +256,9 @@ fn a_lease_renewal_against_a_silent_store_times_out_instead_of_hanging() {
     // status, and succeed once the store answers again.
     let dir = tempfile::tempdir().unwrap();
     let db = fresh_db(dir.path(), 10);
-    let proxy = moto_proxy();
-    let url = url_through(&proxy, "stall-lease");
+    let moto = MotoServer::shared();
+    let proxy = moto_proxy(moto);
+    let url = url_through(&proxy, moto, "stall-lease");
     let log = dir.path().join("replicate.log");
     let (rep, base) = replicate_listening(
         &db,
