@@ -54,6 +54,7 @@ pub mod replicate;
 pub mod restore;
 pub mod retention;
 mod snapshot;
+mod stall;
 mod walfile;
 
 pub use crate::error::{EngineError, EngineResult};

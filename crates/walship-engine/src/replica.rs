@@ -4,6 +4,7 @@
 
 use std::io::{self, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -14,7 +15,8 @@ use walship_format::object::{
     BodyWrite, HEAD_WITH_KEY_ID, HEADER_SIZE, ObjectHeader, ObjectWriter, header_and_key_id,
 };
 use walship_storage::{
-    ListRequest, ObjectStore, PutBody, PutOptions, STREAM_CHUNK, StorageError, list_all, list_dirs,
+    CallTracker, ListRequest, ObjectStore, PutBody, PutOptions, STREAM_CHUNK, StorageError,
+    TrackedStore, list_all, list_dirs,
 };
 
 use crate::error::{EngineError, EngineResult};
@@ -57,6 +59,18 @@ impl Replica {
     /// Wraps a store.
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
         Replica { store, keys: None }
+    }
+
+    /// The same replica with its store's calls recorded, and the record (what the stall
+    /// watchdog looks at).
+    pub fn tracked(self) -> (Replica, Arc<CallTracker>) {
+        let store = TrackedStore::new(self.store);
+        let calls = store.tracker();
+        let replica = Replica {
+            store: Arc::new(store),
+            keys: self.keys,
+        };
+        (replica, calls)
     }
 
     /// Encrypts new objects with the ring's writer key (if any) and decrypts with its keys.
@@ -223,8 +237,10 @@ impl Replica {
             return Ok(n);
         }
         let (tx, rx) = mpsc::channel::<Result<Bytes, StorageError>>(QUEUED_CHUNKS);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let upload_stopped = stopped.clone();
         let producer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let sink = ChannelWriter::new(tx.clone());
+            let sink = ChannelWriter::new(tx.clone(), upload_stopped);
             let mut w = new_writer(sink, &header, seal.as_ref())?;
             let r = produce(&mut w).and_then(|()| w.finish()).and_then(|mut s| {
                 s.flush_chunk()?;
@@ -245,10 +261,14 @@ impl Replica {
             .put_with(key, PutBody::Stream(stream), &opts)
             .await;
         let produced = producer.await?;
-        // A failed producer is the cause of a failed put: report it, typed.
-        let sent = produced.map_err(|e| EngineError::io("encode object", e))?;
-        put?;
-        Ok(sent)
+        match (put, produced) {
+            (Ok(()), Ok(sent)) => Ok(sent),
+            // The put stopped first (its error ended the stream): the put's error says why.
+            (Err(e), Err(_)) if stopped.load(Ordering::Acquire) => Err(e.into()),
+            // Otherwise a failed producer is the cause of a failed put: report it, typed.
+            (_, Err(p)) => Err(EngineError::io("encode object", p)),
+            (Err(e), Ok(_)) => Err(e.into()),
+        }
     }
 
     /// Puts with `if_none_match`. If the key exists, it is ours when its header is the one
@@ -419,14 +439,17 @@ struct ChannelWriter {
     tx: mpsc::Sender<Result<Bytes, StorageError>>,
     buf: Vec<u8>,
     sent: u64,
+    /// Set when the upload stopped taking chunks (it failed on its own).
+    stopped: Arc<AtomicBool>,
 }
 
 impl ChannelWriter {
-    fn new(tx: mpsc::Sender<Result<Bytes, StorageError>>) -> Self {
+    fn new(tx: mpsc::Sender<Result<Bytes, StorageError>>, stopped: Arc<AtomicBool>) -> Self {
         ChannelWriter {
             tx,
             buf: Vec::with_capacity(STREAM_CHUNK),
             sent: 0,
+            stopped,
         }
     }
 
@@ -436,9 +459,10 @@ impl ChannelWriter {
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_CHUNK));
         self.sent += chunk.len() as u64;
-        self.tx
-            .blocking_send(Ok(Bytes::from(chunk)))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
+        self.tx.blocking_send(Ok(Bytes::from(chunk))).map_err(|_| {
+            self.stopped.store(true, Ordering::Release);
+            io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped")
+        })
     }
 }
 

@@ -77,6 +77,11 @@ fn segment_frames(h: &WalHeader) -> u32 {
         .max(1)
 }
 
+/// The wait before the `failures`-th retry of a failed start: 1 s, doubling, at most 30 s.
+fn start_retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
 /// Settings of a replicator.
 #[derive(Debug, Clone)]
 pub struct ReplicateOptions {
@@ -126,6 +131,15 @@ pub struct ReplicateOptions {
     /// snapshots read) kept in memory; more are written out beside the database, 8 bytes a
     /// page. Default 229,376 (about 2.3 MiB).
     pub overlay_pages: usize,
+    /// Retry a start that fails on a transient error (the first snapshot's upload, usually)
+    /// with backoff, the status saying why, until it works or the replicator is cancelled.
+    /// Default: on; off for one-shot runs (`snapshot_once`, `once`), whose caller reports
+    /// the error.
+    pub retry_start: bool,
+    /// A storage call that goes this long without progress is reported as stalled (a WARN,
+    /// [`Status::stalled_since_ms`], `last_error`) while it goes on. Default 10 s
+    /// (`walship_storage::StoreTimeouts::stall_after` of the default timeouts).
+    pub stall_after: Duration,
 }
 
 impl Default for ReplicateOptions {
@@ -144,6 +158,8 @@ impl Default for ReplicateOptions {
             slow_copy_back: Duration::from_millis(250),
             max_wal_bytes: None,
             overlay_pages: crate::overlay::SPILL_PAGES,
+            retry_start: true,
+            stall_after: Duration::from_secs(10),
         }
     }
 }
@@ -211,16 +227,25 @@ pub struct Status {
     pub segments_merged: u64,
     /// Segments deleted after a merged segment covered them for the keep time.
     pub merged_parts_deleted: u64,
+    /// Since when the store has not answered (ms since the epoch): a storage call went
+    /// [`ReplicateOptions::stall_after`] without progress, and no call got an answer since
+    /// (see `crate::stall`). `None` while the store answers.
+    pub stalled_since_ms: Option<i64>,
+    /// The call that stalled (``put `key` on s3://...``), while stalled.
+    pub stalled_call: Option<String>,
+    /// Stalls seen by this process.
+    pub stalls: u64,
 }
 
 /// A short, stable name for the kind of an error, for metrics and alerts:
-/// `unavailable`, `access_denied`, `no_such_bucket`, `conflict`, `not_found`, `io`,
+/// `unavailable`, `timeout`, `access_denied`, `no_such_bucket`, `conflict`, `not_found`, `io`,
 /// `sqlite`, `missing_database`, `corrupt`, `encryption` or `other`.
 pub fn error_kind(e: &EngineError) -> &'static str {
     use walship_storage::StorageError as S;
     match e {
         EngineError::Storage(s) => match s {
             S::Unavailable { .. } | S::Injected(_) => "unavailable",
+            S::Timeout { .. } => "timeout",
             S::AccessDenied { .. } => "access_denied",
             S::NoSuchBucket { .. } => "no_such_bucket",
             S::AlreadyExists { .. } => "conflict",
@@ -328,8 +353,12 @@ pub fn spawn(
         db = %db_path.display(),
         replica = %replica.describe()
     );
+    let (replica, calls) = replica.tracked();
+    let watchdog_status = status_tx.clone();
     let join = tokio::spawn(
         async move {
+            let _watchdog =
+                crate::stall::spawn(calls, watchdog_status, opts.stall_after, replica.describe());
             let r = Replicator::start(
                 db_path,
                 replica,
@@ -390,6 +419,7 @@ pub async fn snapshot_once(
     let opts = ReplicateOptions {
         enable_wal,
         lease: None,
+        retry_start: false,
         ..Default::default()
     };
     let rep = Replicator::start(
@@ -981,16 +1011,39 @@ impl Replicator {
         // The first snapshot reads WAL frames a restart may overwrite when the pin sits on a
         // completely checkpointed WAL (read mark 0): take the pin again and start over.
         let mut tries = 0;
+        let mut failures = 0;
         loop {
             match rep.begin(end, newest).await {
                 Err(e) if e.is_wal_changed() && tries < 5 => {
                     tries += 1;
                     tracing::debug!(db = %rep.span_db(), error = %e, "WAL restarted during the first snapshot; again");
                 }
+                // A store that fails for a while (or answers in a way that does not parse)
+                // does not end the replicator: the status says why it is not up yet.
+                Err(e) if e.is_transient() && rep.opts.retry_start => {
+                    failures += 1;
+                    let delay = start_retry_delay(failures);
+                    rep.start_failed(&e, failures, delay);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(e),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
                 r => break r?,
             }
         }
         Ok(rep)
+    }
+
+    /// Reports a failed start (the first snapshot, usually), to be retried after `delay`.
+    fn start_failed(&self, e: &EngineError, failures: u32, delay: Duration) {
+        tracing::warn!(db = %self.span_db(), error = %e, failures, retry_in_ms = delay.as_millis() as u64, "could not start replicating; retrying");
+        let (msg, kind) = (e.to_string(), error_kind(e));
+        self.publish(|s| {
+            s.last_error = Some(msg);
+            *s.errors_by_kind.entry(kind).or_default() += 1;
+            s.consecutive_errors += 1;
+        });
     }
 
     /// Where the WAL overlay writes the pages it does not keep in memory: beside the
@@ -2566,6 +2619,12 @@ fn watch_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_start_is_retried_after_1_s_doubling_to_30_s() {
+        let delays: Vec<u64> = (1..=8).map(|n| start_retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
 
     #[test]
     fn a_load_is_light_when_a_sync_gap_adds_under_a_quarter_of_the_checkpoint_threshold() {

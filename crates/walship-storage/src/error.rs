@@ -33,10 +33,18 @@ pub enum StorageError {
     #[error("invalid replica URL `{url}`: {reason}")]
     InvalidUrl { url: String, reason: String },
 
-    /// The endpoint could not be reached, a request timed out, or the store answered 5xx or
-    /// "slow down": trying again later can help.
+    /// The endpoint could not be reached, an answer could not be read, or the store answered
+    /// 5xx or "slow down": trying again later can help.
     #[error("{store} unavailable: {detail} (retrying can help; check the endpoint and network)")]
     Unavailable { store: String, detail: String },
+
+    /// A call got no answer in time (connect, first byte, or the whole operation): the store
+    /// is slow or unreachable, and trying again later can help.
+    #[error(
+        "{store} did not answer in time: {detail} (retrying; check the network and the store, \
+         or raise the timeouts if it is only slow)"
+    )]
+    Timeout { store: String, detail: String },
 
     /// A key (or list prefix) the store refuses: empty, absolute, with an empty, `.` or `..`
     /// segment, or otherwise unusable as a path.
@@ -74,7 +82,9 @@ impl StorageError {
     /// True when the same call may succeed if tried again later.
     pub fn is_transient(&self) -> bool {
         match self {
-            StorageError::Unavailable { .. } | StorageError::Injected(_) => true,
+            StorageError::Unavailable { .. }
+            | StorageError::Timeout { .. }
+            | StorageError::Injected(_) => true,
             StorageError::Io { source, .. } => matches!(
                 source.kind(),
                 io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
@@ -115,6 +125,11 @@ mod tests {
             key: "k".into(),
         };
         assert!(!n.is_transient());
+        let t = StorageError::Timeout {
+            store: "s3://b".into(),
+            detail: "put `k`: no answer within 30s".into(),
+        };
+        assert!(t.is_transient());
     }
 
     #[test]

@@ -301,7 +301,7 @@ impl FaultStore {
             }
             Fault::Timeout(d) => {
                 tokio::time::sleep(d).await;
-                Err(StorageError::Unavailable {
+                Err(StorageError::Timeout {
                     store: self.inner.describe(),
                     detail: format!("injected timeout of {kind:?} `{key}` after {d:?}"),
                 })

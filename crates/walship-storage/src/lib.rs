@@ -11,15 +11,20 @@
 //!   a while, or truncates a write.
 //! - [`RetryStore`]: a wrapper that retries transient errors with exponential backoff and
 //!   jitter; permanent errors pass straight through.
+//! - [`TimeoutStore`]: a wrapper that fails a call the store does not answer within
+//!   [`StoreTimeouts`] (a transient [`StorageError::Timeout`]), whatever the backend.
+//! - [`TrackedStore`]: a wrapper that records the calls running and when the store last
+//!   answered ([`CallTracker`]), so a stalled store can be reported before any timeout.
 //!
 //! Errors are one type, [`StorageError`], and each knows whether a retry can help
 //! ([`StorageError::is_transient`]).
 //!
 //! Replica URLs ([`ReplicaUrl`]) are `file:///absolute/dir` or
 //! `s3://bucket/prefix?endpoint=...&region=...&force-path-style=true`; [`open`] turns one into
-//! a store wrapped in a [`RetryStore`]. With the `testkit` feature, `testkit::MotoServer` runs
+//! a store wrapped in a [`TimeoutStore`] and a [`RetryStore`]. With the `testkit` feature, `testkit::MotoServer` runs
 //! a real S3-protocol server on 127.0.0.1 for other crates' tests (`scripts/test-deps.sh`
-//! installs it). `tests/conformance.rs` runs one suite against every backend.
+//! installs it). `tests/conformance.rs` runs one suite against every backend, and against a
+//! second S3 implementation (s3s-fs, in-process).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), walship_storage::StorageError> {
@@ -39,6 +44,8 @@ mod retry;
 mod s3;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod timeout;
+mod track;
 mod url;
 
 use std::fmt;
@@ -55,6 +62,8 @@ pub use crate::fault::{CallCounts, CallKind, Fault, FaultPlan, FaultStore};
 pub use crate::local::LocalStore;
 pub use crate::retry::{RetryPolicy, RetryStore};
 pub use crate::s3::{ChecksumMode, S3Options, S3Store, ServerSideEncryption, StaticCredentials};
+pub use crate::timeout::{StoreTimeouts, TimeoutStore};
+pub use crate::track::{CallTracker, RunningCall, TrackedStore};
 pub use crate::url::{ReplicaUrl, redact_url, validate_endpoint};
 
 /// A stream of byte chunks: the body of a get, or of a streamed put.
@@ -247,19 +256,36 @@ pub struct StoreOptions {
     pub s3: S3Options,
     /// Retry policy applied around the backend; `None` = [`RetryPolicy::default`].
     pub retry: Option<RetryPolicy>,
+    /// How long the store may take, for every backend (for S3 it replaces
+    /// [`S3Options::timeouts`]).
+    pub timeouts: StoreTimeouts,
 }
 
-/// Opens the store a replica URL names, wrapped in a [`RetryStore`].
+/// Opens the store a replica URL names: the backend, held to `opts.timeouts` by a
+/// [`TimeoutStore`], wrapped in a [`RetryStore`] (each attempt has its own deadline).
 ///
 /// For S3 this checks nothing over the network; call [`check_access`] to find a missing
 /// bucket or bad credentials early.
 pub async fn open(url: &ReplicaUrl, opts: &StoreOptions) -> StorageResult<Arc<dyn ObjectStore>> {
+    opts.timeouts
+        .check()
+        .map_err(|reason| StorageError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        })?;
     let inner: Arc<dyn ObjectStore> = match url {
         ReplicaUrl::File { path } => Arc::new(LocalStore::new(path.clone())?),
-        ReplicaUrl::S3 { .. } => Arc::new(S3Store::from_url(url, &opts.s3).await?),
+        ReplicaUrl::S3 { .. } => {
+            let s3 = S3Options {
+                timeouts: opts.timeouts,
+                ..opts.s3.clone()
+            };
+            Arc::new(S3Store::from_url(url, &s3).await?)
+        }
     };
+    let timed = Arc::new(TimeoutStore::new(inner, opts.timeouts));
     Ok(Arc::new(RetryStore::new(
-        inner,
+        timed,
         opts.retry.clone().unwrap_or_default(),
     )))
 }

@@ -17,12 +17,12 @@
 //! only where the API requires one.
 
 use std::ops::Range;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::meta::region::RegionProviderChain;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -36,6 +36,7 @@ use futures::StreamExt;
 
 use crate::error::{StorageError, StorageResult};
 use crate::local::{MAX_KEYS, check_key, check_prefix};
+use crate::timeout::StoreTimeouts;
 use crate::{
     ByteStream, GetObject, ListPage, ListRequest, ObjectMeta, ObjectStore, PutBody, PutOptions,
     ReplicaUrl,
@@ -130,7 +131,7 @@ pub struct S3Options {
     /// Puts larger than this use a multipart upload. Default 5 MiB. A streamed put buffers
     /// this much to choose.
     pub multipart_threshold: usize,
-    /// Size of a multipart upload's first [`PARTS_PER_SIZE`] parts, at least 5 MiB; each
+    /// Size of a multipart upload's first thousand parts, at least 5 MiB; each
     /// thousand after doubles it (up to S3's 5 GiB). One part is buffered at a time. Default
     /// 5 MiB.
     pub part_size: usize,
@@ -143,10 +144,9 @@ pub struct S3Options {
     /// Attempts the SDK makes per request, itself included (the SDK retries throttling,
     /// 5xx and connection errors; [`crate::RetryStore`] retries on top). Default 3.
     pub sdk_max_attempts: u32,
-    /// Time to establish a connection. Default 5 s.
-    pub connect_timeout: Duration,
-    /// Time for one attempt of one request (until the response starts). Default 60 s.
-    pub attempt_timeout: Duration,
+    /// Connect, first-byte and per-request timeouts (see [`StoreTimeouts`]); [`crate::open`]
+    /// sets them from [`crate::StoreOptions::timeouts`].
+    pub timeouts: StoreTimeouts,
 }
 
 impl Default for S3Options {
@@ -161,8 +161,7 @@ impl Default for S3Options {
             checksum: ChecksumMode::WhenRequired,
             credentials: None,
             sdk_max_attempts: 3,
-            connect_timeout: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(60),
+            timeouts: StoreTimeouts::default(),
         }
     }
 }
@@ -182,6 +181,7 @@ pub struct S3Store {
     part_size: usize,
     sse: Option<ServerSideEncryption>,
     checksum: ChecksumMode,
+    timeouts: StoreTimeouts,
 }
 
 impl S3Store {
@@ -228,9 +228,14 @@ impl S3Store {
             .or(opts.force_path_style)
             .unwrap_or(endpoint.is_some());
 
+        // A request gets `connect` to connect and `read` to its answer's first byte (sending
+        // its body included), each attempt and all the SDK's attempts together `operation`.
+        let t = &opts.timeouts;
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(opts.connect_timeout)
-            .operation_attempt_timeout(opts.attempt_timeout)
+            .connect_timeout(t.connect)
+            .read_timeout(t.read)
+            .operation_attempt_timeout(t.operation)
+            .operation_timeout(t.operation)
             .build();
         let (request_checksums, response_checksums) = match opts.checksum {
             ChecksumMode::WhenRequired => (
@@ -293,6 +298,7 @@ impl S3Store {
             part_size: opts.part_size,
             sse: opts.sse.clone(),
             checksum: opts.checksum,
+            timeouts: opts.timeouts,
         })
     }
 
@@ -324,6 +330,18 @@ impl S3Store {
             SdkError::ServiceError(se) => {
                 let status = se.raw().status().as_u16();
                 let code = se.err().code().unwrap_or_default();
+                if status < 300 {
+                    // A success whose answer did not parse: a proxy, a truncated answer, or a
+                    // store that words its answers differently (the outcome is unknown).
+                    return StorageError::Unavailable {
+                        store: self.describe.clone(),
+                        detail: format!(
+                            "unreadable answer (HTTP {status}) from {}: {}",
+                            self.target,
+                            chain(&err)
+                        ),
+                    };
+                }
                 let detail = format!(
                     "{} (HTTP {status}){}",
                     if code.is_empty() { "error" } else { code },
@@ -351,13 +369,28 @@ impl S3Store {
                     self.classify("", status, key, detail)
                 }
             }
-            SdkError::TimeoutError(_) => StorageError::Unavailable {
+            SdkError::TimeoutError(_) => StorageError::Timeout {
                 store: self.describe.clone(),
-                detail: format!("request to {} timed out", self.target),
+                detail: format!(
+                    "request to {} timed out (operation timeout {:?})",
+                    self.target, self.timeouts.operation
+                ),
             },
             SdkError::DispatchFailure(d) => {
                 if let Some(c) = find_credentials_error(&err) {
                     return self.credentials_error(c);
+                }
+                if d.is_timeout() {
+                    return StorageError::Timeout {
+                        store: self.describe.clone(),
+                        detail: format!(
+                            "request to {} timed out (connect timeout {:?}, read timeout {:?}): {}",
+                            self.target,
+                            self.timeouts.connect,
+                            self.timeouts.read,
+                            chain(&err)
+                        ),
+                    };
                 }
                 if d.is_user() {
                     StorageError::Other {
@@ -610,6 +643,8 @@ impl S3Store {
                     .build(),
             );
         }
+        let etags: Vec<Option<String>> =
+            done.iter().map(|p| p.e_tag().map(str::to_string)).collect();
         let mut req = self
             .client
             .complete_multipart_upload()
@@ -624,10 +659,150 @@ impl S3Store {
         if opts.if_none_match {
             req = req.if_none_match("*");
         }
-        req.send().await.map_err(|e| self.map_err(e, Some(key)))?;
+        if let Err(e) = req.send().await {
+            // An answer that could not be read, or none, says nothing of the outcome: the
+            // object may well be whole. Ask the store before calling the upload failed.
+            if !outcome_unknown(&e) || !self.completed_anyway(key, full, bytes, &etags).await {
+                return Err(self.map_err(e, Some(key)));
+            }
+        }
         tracing::trace!(store = %self.describe, key, bytes, parts = number, "multipart put");
         Ok(())
     }
+
+    /// True when the store holds `full` as the multipart upload whose parts had `etags`
+    /// made it: its size is `bytes` and, where both sides are MD5-based, its ETag is the
+    /// one those parts give.
+    async fn completed_anyway(
+        &self,
+        key: &str,
+        full: &str,
+        bytes: u64,
+        etags: &[Option<String>],
+    ) -> bool {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await;
+        let found = match head {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(store = %self.describe, key, error = %self.map_err(e, Some(key)), "no object after an unreadable completion");
+                return false;
+            }
+        };
+        let size = u64::try_from(found.content_length().unwrap_or(-1)).ok();
+        let expected = multipart_etag(etags);
+        let etag_agrees = match (found.e_tag().and_then(parse_multipart_etag), &expected) {
+            (Some(got), Some(want)) => &got == want,
+            // A store whose ETags are not MD5-based (SSE-KMS, some S3-compatible stores):
+            // the size has to do.
+            _ => true,
+        };
+        let whole = size == Some(bytes) && etag_agrees;
+        if whole {
+            tracing::info!(store = %self.describe, key, bytes, "the multipart completion's answer was unreadable, but the store holds the whole object");
+        } else {
+            tracing::debug!(store = %self.describe, key, bytes, ?size, etag = ?found.e_tag(), ?expected, "the object found after an unreadable completion is not ours");
+        }
+        whole
+    }
+}
+
+/// The continuation [`S3Store::list_page`] makes up when a store says a listing is
+/// truncated but gives no continuation token: the next page asks for `StartAfter` the
+/// marker instead. S3's tokens are opaque base64, without a `:`.
+const START_AFTER_TOKEN: &str = "walship:start-after:";
+
+/// A page after `marker` (entries up to it dropped), at most `max` entries in key order,
+/// whose `next` goes on from its last entry when the store said it was `truncated` or
+/// entries were cut. `None` when the store said it was truncated yet gave nothing past the
+/// marker: no way to go on.
+fn page_after(
+    mut page: ListPage,
+    marker: Option<&str>,
+    max: usize,
+    truncated: bool,
+) -> Option<ListPage> {
+    if let Some(m) = marker {
+        page.objects.retain(|o| o.key.as_str() > m);
+        page.common_prefixes.retain(|p| p.as_str() > m);
+    }
+    let total = page.objects.len() + page.common_prefixes.len();
+    if total == 0 {
+        return (!truncated).then_some(page);
+    }
+    // Keep the first `max` entries of both lists merged in key order.
+    let (mut o, mut p) = (0, 0);
+    let mut last = String::new();
+    while o + p < max.min(total) {
+        let take_object = match (page.objects.get(o), page.common_prefixes.get(p)) {
+            (Some(obj), Some(pre)) => obj.key < *pre,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if take_object {
+            last.clone_from(&page.objects[o].key);
+            o += 1;
+        } else {
+            last.clone_from(&page.common_prefixes[p]);
+            p += 1;
+        }
+    }
+    page.objects.truncate(o);
+    page.common_prefixes.truncate(p);
+    page.next = (truncated || total > max).then(|| format!("{START_AFTER_TOKEN}{last}"));
+    Some(page)
+}
+
+/// True when a `CompleteMultipartUpload` that failed so may have completed all the same: an
+/// answer that could not be read (a success the SDK could not parse, a dropped connection,
+/// a timeout), a server error, or `NoSuchUpload` (an earlier attempt completed it).
+fn outcome_unknown<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    match err {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            !(300..500).contains(&status) || se.err().code() == Some("NoSuchUpload")
+        }
+        SdkError::ResponseError(_) | SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The ETag S3 gives a multipart upload: the MD5 of its parts' MD5s, `-`, the part count;
+/// `None` unless every part's ETag is an MD5 in hex.
+fn multipart_etag(parts: &[Option<String>]) -> Option<String> {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    for p in parts {
+        let hex = p.as_deref()?.trim_matches('"');
+        if hex.len() != 32 {
+            return None;
+        }
+        for i in (0..32).step_by(2) {
+            h.update([u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()?]);
+        }
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("{hex}-{}", parts.len()))
+}
+
+/// A multipart ETag (`"<32 hex>-<parts>"`) without its quotes, lower-cased; `None` for
+/// any other form.
+fn parse_multipart_etag(etag: &str) -> Option<String> {
+    let e = etag.trim_matches('"').to_ascii_lowercase();
+    let (hex, n) = e.split_once('-')?;
+    (hex.len() == 32
+        && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        && !n.is_empty()
+        && n.bytes().all(|b| b.is_ascii_digit()))
+    .then_some(e)
 }
 
 /// Resolves a region from the environment and the profile; then `us-east-1` for a custom
@@ -829,15 +1004,26 @@ impl ObjectStore for S3Store {
     async fn list_page(&self, req: &ListRequest) -> StorageResult<ListPage> {
         check_prefix(&req.prefix)?;
         let max = req.max_keys.unwrap_or(MAX_KEYS).clamp(1, MAX_KEYS);
+        // After a page that was truncated without a continuation token, go on from its
+        // last entry (asking for a full page, since such a store may not apply `StartAfter`
+        // to common prefixes: the entries up to the marker are dropped here).
+        let marker = req
+            .continuation
+            .as_deref()
+            .and_then(|t| t.strip_prefix(START_AFTER_TOKEN));
+        let (token, start_after, ask) = match marker {
+            Some(m) => (None, Some(m), MAX_KEYS),
+            None => (req.continuation.clone(), req.start_after.as_deref(), max),
+        };
         let out = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(self.object_key(&req.prefix))
-            .max_keys(i32::try_from(max).unwrap_or(1000))
+            .max_keys(i32::try_from(ask).unwrap_or(1000))
             .set_delimiter(req.delimiter.clone().filter(|d| !d.is_empty()))
-            .set_start_after(req.start_after.as_deref().map(|s| self.object_key(s)))
-            .set_continuation_token(req.continuation.clone())
+            .set_start_after(start_after.map(|s| self.object_key(s)))
+            .set_continuation_token(token)
             .send()
             .await
             .map_err(|e| self.map_err(e, None))?;
@@ -857,11 +1043,27 @@ impl ObjectStore for S3Store {
                 page.common_prefixes.push(p.to_string());
             }
         }
-        page.next = if out.is_truncated().unwrap_or(false) {
-            out.next_continuation_token().map(str::to_string)
-        } else {
-            None
-        };
+        let truncated = out.is_truncated().unwrap_or(false);
+        match (marker, truncated, out.next_continuation_token()) {
+            (None, false, _) => {}
+            (None, true, Some(t)) => page.next = Some(t.to_string()),
+            // Truncated, and no token to go on with: a listing that stopped here would hide
+            // objects (s3s-fs answers so). Go on from the last entry, or say it cannot.
+            (marker, truncated, _) => {
+                page = page_after(page, marker, max, truncated).ok_or_else(|| {
+                    StorageError::Other {
+                        store: self.describe.clone(),
+                        detail: format!(
+                            "listing `{}`: {} says the listing goes on but gives no \
+                             continuation token and ignores StartAfter (a store bug: the \
+                             objects past this point cannot be listed)",
+                            req.prefix, self.target
+                        ),
+                        transient: false,
+                    }
+                })?;
+            }
+        }
         Ok(page)
     }
 
@@ -992,6 +1194,61 @@ mod tests {
         );
         // The default 5 MiB parts keep a 1 GiB snapshot to one size.
         assert_eq!(part_size(base, 1024 / 5 + 1), base);
+    }
+
+    fn meta(key: &str) -> ObjectMeta {
+        ObjectMeta {
+            key: key.into(),
+            size: 1,
+            modified_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_truncated_page_without_a_token_goes_on_from_its_last_entry() {
+        let page = ListPage {
+            objects: vec![meta("d/a"), meta("d/c")],
+            common_prefixes: vec!["d/b/".into(), "d/d/".into()],
+            next: None,
+        };
+        // The store said "truncated" and gave no token: go on after the last entry.
+        let p = page_after(page.clone(), None, 1000, true).expect("page");
+        assert_eq!(p.next.as_deref(), Some("walship:start-after:d/d/"));
+        assert_eq!(p.objects.len() + p.common_prefixes.len(), 4);
+        // Continuing after `d/b/`, one entry a page, in key order.
+        let p = page_after(page.clone(), Some("d/b/"), 1, false).expect("page");
+        assert_eq!(p.objects, [meta("d/c")]);
+        assert!(p.common_prefixes.is_empty());
+        assert_eq!(p.next.as_deref(), Some("walship:start-after:d/c"));
+        let p = page_after(page.clone(), Some("d/c"), 1, false).expect("page");
+        assert_eq!(p.common_prefixes, ["d/d/"]);
+        assert_eq!(p.next, None);
+        // Nothing past the marker, and still "truncated": no way on, never a silent end.
+        assert!(page_after(page.clone(), Some("d/d/"), 1000, true).is_none());
+        let end = page_after(page, Some("d/d/"), 1000, false).expect("the end");
+        assert_eq!((end.objects.len(), end.next), (0, None));
+    }
+
+    #[test]
+    fn multipart_etags_are_computed_as_s3_does() {
+        // Two parts: MD5s of "a" and "b"; S3's ETag is the MD5 of their concatenated
+        // digests, then the part count.
+        let parts = [
+            Some("\"0cc175b9c0f1b6a831c399e269772661\"".to_string()),
+            Some("92eb5ffee6ae2fec3ad71c777531578f".to_string()),
+        ];
+        let want = multipart_etag(&parts).expect("md5 parts");
+        assert_eq!(want, "96e024ba2074fe77e8e965ba43a704be-2");
+        assert_eq!(
+            parse_multipart_etag(&format!("\"{}\"", want.to_uppercase())),
+            Some(want)
+        );
+        assert_eq!(multipart_etag(&[Some("not-an-md5".into())]), None);
+        assert_eq!(multipart_etag(&[None]), None);
+        assert_eq!(
+            parse_multipart_etag("\"0cc175b9c0f1b6a831c399e269772661\""),
+            None
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One conformance suite for every backend: the same test functions run against
-//! [`LocalStore`] (a temporary directory) and [`S3Store`] (moto on 127.0.0.1, one server per
-//! test binary, a unique prefix per test), then S3-only checks (missing bucket, bad
+//! [`LocalStore`] (a temporary directory) and [`S3Store`] on two independent S3
+//! implementations — moto (a child process) and s3s-fs (in this process) on 127.0.0.1, one
+//! server each per test binary, a unique prefix per test — then S3-only checks (missing bucket, bad
 //! credentials, unreachable endpoint, server-side encryption, checksum modes) and the
 //! [`RetryStore`] / [`FaultStore`] wrappers on both backends.
 //!
@@ -17,7 +18,7 @@ use walship_storage::testkit::{MotoOptions, MotoServer};
 use walship_storage::{
     ByteStream, CallKind, ChecksumMode, Fault, FaultPlan, FaultStore, ListRequest, LocalStore,
     ObjectStore, PutBody, PutOptions, ReplicaUrl, RetryPolicy, RetryStore, S3Options, S3Store,
-    ServerSideEncryption, StorageError, StoreOptions, list_all, list_dirs,
+    ServerSideEncryption, StorageError, StoreOptions, StoreTimeouts, list_all, list_dirs,
 };
 
 const MIB: usize = 1 << 20;
@@ -33,8 +34,14 @@ struct Harness {
 }
 
 enum Backend {
-    Local { dir: TempDir },
-    S3 { url: ReplicaUrl },
+    Local {
+        dir: TempDir,
+    },
+    /// A prefix on an S3 server, and the options that reach it.
+    S3 {
+        url: ReplicaUrl,
+        opts: Box<S3Options>,
+    },
 }
 
 impl Harness {
@@ -49,15 +56,26 @@ impl Harness {
     }
 
     async fn s3(test: &str) -> Self {
-        init_tracing();
         let moto = MotoServer::shared();
         let url = moto.url(moto.bucket(), &MotoServer::unique_prefix(test));
-        let store = S3Store::from_url(&url, &moto.options())
-            .await
-            .expect("s3 store");
+        Self::s3_at(url, moto.options()).await
+    }
+
+    async fn s3s_fs(test: &str) -> Self {
+        let server = S3sFsServer::shared();
+        let url = server.url(&MotoServer::unique_prefix(test));
+        Self::s3_at(url, server.options()).await
+    }
+
+    async fn s3_at(url: ReplicaUrl, opts: S3Options) -> Self {
+        init_tracing();
+        let store = S3Store::from_url(&url, &opts).await.expect("s3 store");
         Harness {
             store: Arc::new(store),
-            backend: Backend::S3 { url },
+            backend: Backend::S3 {
+                url,
+                opts: Box::new(opts),
+            },
         }
     }
 
@@ -67,8 +85,8 @@ impl Harness {
             Backend::Local { dir } => {
                 Arc::new(LocalStore::new(dir.path().join("replica")).expect("local store"))
             }
-            Backend::S3 { url } => {
-                let mut opts = MotoServer::shared().options();
+            Backend::S3 { url, opts } => {
+                let mut opts = (**opts).clone();
                 f(&mut opts);
                 Arc::new(S3Store::from_url(url, &opts).await.expect("s3 store"))
             }
@@ -81,18 +99,95 @@ impl Harness {
             Backend::Local { dir } => {
                 Arc::new(LocalStore::new(dir.path().join(name)).expect("local store"))
             }
-            Backend::S3 { url } => {
-                let ReplicaUrl::S3 { prefix, .. } = url else {
+            Backend::S3 { url, opts } => {
+                let mut url = url.clone();
+                let ReplicaUrl::S3 { prefix, .. } = &mut url else {
                     unreachable!("an S3 harness has an S3 URL")
                 };
-                let moto = MotoServer::shared();
-                let url = moto.url(moto.bucket(), &format!("{prefix}{name}"));
-                Arc::new(
-                    S3Store::from_url(&url, &moto.options())
-                        .await
-                        .expect("s3 store"),
-                )
+                prefix.push_str(name);
+                Arc::new(S3Store::from_url(&url, opts).await.expect("s3 store"))
             }
+        }
+    }
+}
+
+/// s3s-fs, an S3 server on a directory, served in this process on 127.0.0.1 (its own thread
+/// and runtime, so it outlives each test's runtime), checking signatures of `test`/`test`.
+///
+/// Its quirks (0.13), none hidden from the suite: a listing cut at `max-keys` says it is
+/// truncated but gives no continuation token, and applies `StartAfter` to objects only, not
+/// to common prefixes — `S3Store` goes on from the page's last entry instead of ending the
+/// listing there (the pagination tests found it); `If-None-Match` is honoured on
+/// `PutObject` but not on `CompleteMultipartUpload`, so nothing here fences a multipart
+/// upload (0.14 honours both, but needs crc-fast 1.10 where the workspace's aws-sdk-s3
+/// pins ~1.9).
+struct S3sFsServer {
+    port: u16,
+    /// Under cargo's scratch directory for tests; kept for the process's life.
+    _root: TempDir,
+}
+
+impl S3sFsServer {
+    const BUCKET: &str = "walship-test";
+
+    fn shared() -> &'static S3sFsServer {
+        static SHARED: std::sync::OnceLock<S3sFsServer> = std::sync::OnceLock::new();
+        SHARED.get_or_init(S3sFsServer::start)
+    }
+
+    fn start() -> Self {
+        let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        std::fs::create_dir(root.path().join(Self::BUCKET)).expect("bucket directory");
+        let fs = ::s3s_fs::FileSystem::new(root.path()).expect("s3s-fs");
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single("test", "test"));
+        let service = builder.build();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                loop {
+                    let Ok((socket, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let service = service.clone();
+                    tokio::spawn(async move {
+                        let io = hyper_util::rt::TokioIo::new(socket);
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    });
+                }
+            });
+        });
+        S3sFsServer { port, _root: root }
+    }
+
+    fn url(&self, prefix: &str) -> ReplicaUrl {
+        ReplicaUrl::S3 {
+            bucket: Self::BUCKET.to_string(),
+            prefix: prefix.to_string(),
+            endpoint: Some(format!("http://127.0.0.1:{}", self.port)),
+            region: Some("us-east-1".to_string()),
+            force_path_style: Some(true),
+        }
+    }
+
+    fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: Some(format!("http://127.0.0.1:{}", self.port)),
+            region: Some("us-east-1".to_string()),
+            force_path_style: Some(true),
+            credentials: Some(walship_storage::StaticCredentials::new("test", "test")),
+            sdk_max_attempts: 1,
+            ..Default::default()
         }
     }
 }
@@ -673,6 +768,15 @@ macro_rules! conformance {
                 }
             )*
         }
+        mod s3s_fs {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let h = super::Harness::s3s_fs(stringify!($name)).await;
+                    super::$name(&h).await;
+                }
+            )*
+        }
     };
 }
 
@@ -926,6 +1030,7 @@ mod s3_only {
             &StoreOptions {
                 s3: opts,
                 retry: Some(fast_retries(2)),
+                ..Default::default()
             },
         )
         .await
@@ -938,7 +1043,7 @@ mod s3_only {
     }
 
     #[tokio::test]
-    async fn a_silent_endpoint_times_out_as_unavailable() {
+    async fn a_silent_endpoint_times_out() {
         init_tracing();
         // Accepts connections and never answers.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -957,21 +1062,24 @@ mod s3_only {
         let opts = S3Options {
             credentials: Some(walship_storage::StaticCredentials::new("test", "test")),
             sdk_max_attempts: 1,
-            attempt_timeout: Duration::from_millis(300),
+            timeouts: StoreTimeouts {
+                read: Duration::from_millis(300),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let store = S3Store::from_url(&url, &opts).await.expect("store");
         let t = std::time::Instant::now();
         let err = store.head("k").await.err();
         match &err {
-            Some(e @ StorageError::Unavailable { detail, .. }) => {
+            Some(e @ StorageError::Timeout { detail, .. }) => {
                 assert!(e.is_transient());
                 assert!(
                     detail.contains("timed out") && detail.contains(&endpoint),
                     "{detail}"
                 );
             }
-            other => panic!("want Unavailable, got {other:?}"),
+            other => panic!("want Timeout, got {other:?}"),
         }
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
@@ -1241,7 +1349,7 @@ mod open {
         let url = moto.url(moto.bucket(), &MotoServer::unique_prefix("open"));
         let opts = StoreOptions {
             s3: moto.options(),
-            retry: None,
+            ..Default::default()
         };
         let store = walship_storage::open(&url, &opts).await.expect("open");
         walship_storage::check_access(&*store)

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use walship_format::crypto::{Key, KeyRing};
-use walship_storage::{ChecksumMode, S3Options, ServerSideEncryption};
+use walship_storage::{ChecksumMode, S3Options, ServerSideEncryption, StoreTimeouts};
 
 use crate::duration::Dur;
 
@@ -163,6 +163,19 @@ pub struct StoreArgs {
     /// File holding an older key accepted for reading (key rotation); repeatable.
     #[arg(long)]
     pub decryption_key_file: Vec<PathBuf>,
+    /// Longest wait for a connection to the store (S3).
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub connect_timeout: Dur,
+    /// Longest wait for the first byte of an answer after sending a request (its body, at
+    /// most one 5 MiB part, included), and between two chunks of a download. A storage call
+    /// without progress for half this (at most 10 s) is reported as stalled.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub read_timeout: Dur,
+    /// Longest time for one request, retries by the S3 client included (per started 5 MiB of
+    /// a body held in memory; for a streamed upload, the longest it may go without
+    /// progress).
+    #[arg(long, default_value = "120s", value_name = "DURATION")]
+    pub operation_timeout: Dur,
 }
 
 impl StoreArgs {
@@ -214,6 +227,19 @@ impl StoreArgs {
             None => None,
         };
         Ok(ring)
+    }
+
+    /// The store timeouts these flags give.
+    pub fn timeouts(&self) -> anyhow::Result<StoreTimeouts> {
+        let t = StoreTimeouts {
+            connect: self.connect_timeout.0,
+            read: self.read_timeout.0,
+            operation: self.operation_timeout.0,
+        };
+        t.check().map_err(|e| {
+            anyhow::anyhow!("{e} (--connect-timeout, --read-timeout, --operation-timeout)")
+        })?;
+        Ok(t)
     }
 
     /// Applies these settings.

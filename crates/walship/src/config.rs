@@ -19,6 +19,7 @@ use walship_engine::{CompactionOptions, LeaseOptions, OnConflict, RetentionPolic
 use walship_format::crypto::{Key, KeyRing};
 use walship_storage::{
     ChecksumMode, ReplicaUrl, S3Options, ServerSideEncryption, StaticCredentials, StoreOptions,
+    StoreTimeouts,
 };
 
 use crate::duration::Dur;
@@ -102,6 +103,9 @@ struct RawReplica {
     on_conflict: Option<RawOnConflict>,
     lease_ttl: Option<Dur>,
     compaction: Option<RawCompaction>,
+    connect_timeout: Option<Dur>,
+    read_timeout: Option<Dur>,
+    operation_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +146,8 @@ pub struct Defaults {
     pub lease: LeaseOptions,
     /// `compaction`.
     pub compaction: CompactionOptions,
+    /// `connect-timeout`, `read-timeout`, `operation-timeout`.
+    pub timeouts: StoreTimeouts,
 }
 
 impl Default for Defaults {
@@ -156,6 +162,7 @@ impl Default for Defaults {
             retention: RetentionPolicy::default(),
             lease: LeaseOptions::default(),
             compaction: CompactionOptions::default(),
+            timeouts: StoreTimeouts::default(),
         }
     }
 }
@@ -742,6 +749,20 @@ fn resolve_replica(
         }
     };
     let lease_ttl = positive(r.lease_ttl, &format!("{kp}.lease-ttl"), defaults.lease.ttl)?;
+    let d = defaults.timeouts;
+    let timeouts = StoreTimeouts {
+        connect: positive(
+            r.connect_timeout,
+            &format!("{kp}.connect-timeout"),
+            d.connect,
+        )?,
+        read: positive(r.read_timeout, &format!("{kp}.read-timeout"), d.read)?,
+        operation: positive(
+            r.operation_timeout,
+            &format!("{kp}.operation-timeout"),
+            d.operation,
+        )?,
+    };
     let lease = LeaseOptions {
         ttl: lease_ttl,
         on_conflict: match r.on_conflict {
@@ -773,7 +794,11 @@ fn resolve_replica(
         name,
         url: r.url,
         parsed,
-        store: StoreOptions { s3, retry: None },
+        store: StoreOptions {
+            s3,
+            retry: None,
+            timeouts,
+        },
         sync_interval: positive(
             r.sync_interval,
             &format!("{kp}.sync-interval"),
@@ -999,6 +1024,9 @@ max-wal-mib = 512
   decryption-keys = ["${WALSHIP_KEY}"]
   on-conflict = "takeover"
   lease-ttl = "10s"
+  connect-timeout = "2s"
+  read-timeout = "45s"
+  operation-timeout = "5m"
     [db.replica.retention]
     keep-last = 3
     keep-within = "2d"
@@ -1045,6 +1073,14 @@ max-wal-mib = 512
         assert_eq!(r.lease.on_conflict, OnConflict::Takeover);
         assert_eq!(r.lease.ttl, Duration::from_secs(10));
         assert_eq!(
+            r.store.timeouts,
+            StoreTimeouts {
+                connect: Duration::from_secs(2),
+                read: Duration::from_secs(45),
+                operation: Duration::from_secs(300),
+            }
+        );
+        assert_eq!(
             r.retention.keep_within,
             Some(Duration::from_secs(2 * 86_400))
         );
@@ -1073,6 +1109,11 @@ max-wal-mib = 512
         let e = err(&MINIMAL.replace("url =", "sync-interval = \"0s\"\n  url ="));
         assert!(
             e.contains("db[0].replica[0].sync-interval: must be more than zero"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("url =", "read-timeout = \"0s\"\n  url ="));
+        assert!(
+            e.contains("db[0].replica[0].read-timeout: must be more than zero"),
             "{e}"
         );
         let e = err(&MINIMAL.replace("url =", "snapshot-interval = 5\n  url ="));

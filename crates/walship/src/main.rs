@@ -156,7 +156,10 @@ fn init_logging(cli: &Cli) {
 
 async fn open_replica(url: &str, args: &StoreArgs) -> Result<Replica> {
     let url: ReplicaUrl = url.parse()?;
-    let mut opts = StoreOptions::default();
+    let mut opts = StoreOptions {
+        timeouts: args.timeouts()?,
+        ..Default::default()
+    };
     args.apply(&mut opts.s3)?;
     let keys = args.keys()?;
     let store = walship_storage::open(&url, &opts).await?;
@@ -307,6 +310,7 @@ async fn replicate_pairs(
             keep_parts: a.compaction_keep_parts.0,
             ..Default::default()
         },
+        timeouts: a.store.timeouts()?,
     };
     if let Some(path) = config_path(&a.config, a.db.is_some()) {
         if a.db.is_some() || a.replica_url.is_some() {
@@ -350,6 +354,7 @@ async fn replicate_pairs(
                         retention: r.retention.clone(),
                         lease: Some(r.lease.clone()),
                         compaction: r.compaction.clone(),
+                        stall_after: r.store.timeouts.stall_after(),
                         ..Default::default()
                     },
                 });
@@ -382,6 +387,7 @@ async fn replicate_pairs(
             retention: defaults.retention,
             lease: Some(defaults.lease),
             compaction: defaults.compaction,
+            stall_after: defaults.timeouts.stall_after(),
             ..Default::default()
         },
     }])
@@ -983,7 +989,11 @@ async fn snapshot(a: SnapshotArgs) -> Result<ExitCode> {
         if a.db.is_some() || a.replica_url.is_some() {
             bail!("give either --config (or WALSHIP_CONFIG) or DB REPLICA_URL, not both");
         }
-        let cfg = config::Config::load(&path, &config::Defaults::default())?;
+        let defaults = config::Defaults {
+            timeouts: a.store.timeouts()?,
+            ..Default::default()
+        };
+        let cfg = config::Config::load(&path, &defaults)?;
         for d in &cfg.dbs {
             if let Some(only) = &a.only_db {
                 let as_path = std::path::absolute(only).unwrap_or_else(|_| only.into());

@@ -56,6 +56,8 @@ pub async fn once(
 ) -> EngineResult<OnceReport> {
     // Merges run beside the loop; one pass would only start and abandon them.
     opts.compaction.fan_in = 0;
+    // A pass that cannot start reports it (a cron job's exit status), rather than waiting.
+    opts.retry_start = false;
     let span = tracing::info_span!(
         "replicator",
         db = %db_path.display(),

@@ -187,6 +187,9 @@ fn status_json(d: &DbState, st: &Status, h: &DbHealth) -> Value {
         "errors_by_kind": st.errors_by_kind,
         "consecutive_errors": st.consecutive_errors,
         "last_error": st.last_error,
+        "storage_stalled_since": opt_time(st.stalled_since_ms),
+        "storage_stalled_call": st.stalled_call,
+        "storage_stalls": st.stalls,
     })
 }
 

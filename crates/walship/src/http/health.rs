@@ -189,6 +189,27 @@ pub fn evaluate(s: &Status, f: &Facts, t: &Thresholds) -> DbHealth {
             );
         }
     }
+    // A store that stopped answering shows at once, long before the restorable point ages.
+    if let Some(since) = s.stalled_since_ms {
+        raise(
+            Level::Warning,
+            format!(
+                "the storage has not answered {} for {}s",
+                s.stalled_call.as_deref().unwrap_or("a call"),
+                (now - since).max(0) / 1000
+            ),
+        );
+    }
+    // A replicator that keeps failing to start (its first snapshot, usually) shows at once.
+    if s.last_synced_ms.is_none() && s.consecutive_errors > 0 {
+        raise(
+            Level::Warning,
+            format!(
+                "replication has not started: {} failed attempts, retrying",
+                s.consecutive_errors
+            ),
+        );
+    }
     if let Some(e) = &s.last_error
         && level > Level::Healthy
     {
@@ -274,6 +295,49 @@ mod tests {
         assert_eq!(evaluate(&s, &f, &t).status, Level::Warning);
         f.replay_since_ms = Some(now - 600_000);
         assert_eq!(evaluate(&s, &f, &t).status, Level::Critical);
+    }
+
+    #[test]
+    fn a_stalled_store_warns_at_once_with_the_call() {
+        let now = T0 + 5_000;
+        let s = Status {
+            last_synced_ms: Some(T0),
+            stalled_since_ms: Some(T0 + 1_000),
+            stalled_call: Some("put `k` on s3://b".into()),
+            last_error: Some("s3://b: no answer to put `k` for 3s".into()),
+            ..Default::default()
+        };
+        let h = evaluate(&s, &facts(now), &Thresholds::default());
+        assert_eq!(h.status, Level::Warning, "{:?}", h.reasons);
+        assert!(
+            h.reasons[0].contains("put `k` on s3://b for 4s"),
+            "{:?}",
+            h.reasons
+        );
+        assert!(h.reasons.iter().any(|r| r.contains("last error")));
+    }
+
+    #[test]
+    fn a_replicator_failing_to_start_warns_at_once() {
+        let f = Facts {
+            now_ms: T0 + 2_000,
+            started_ms: T0,
+            ..Default::default()
+        };
+        let mut s = Status {
+            consecutive_errors: 2,
+            last_error: Some("snapshot upload failed".into()),
+            ..Default::default()
+        };
+        let h = evaluate(&s, &f, &Thresholds::default());
+        assert_eq!(h.status, Level::Warning, "{:?}", h.reasons);
+        assert!(h.reasons[0].contains("has not started"), "{:?}", h.reasons);
+        // Once it synced, a failed round alone is no reason (the restorable point's age is).
+        s.last_synced_ms = Some(T0 + 1_000);
+        assert_eq!(
+            evaluate(&s, &f, &Thresholds::default()).status,
+            Level::Healthy
+        );
     }
 
     #[test]

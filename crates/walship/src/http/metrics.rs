@@ -62,6 +62,7 @@ pub fn render(state: &AppState) -> String {
                 db: d.db.name.clone(),
                 st,
                 h,
+                now_ms: super::now_ms(),
             }
         })
         .collect();
@@ -83,6 +84,7 @@ struct Row {
     db: String,
     st: Status,
     h: DbHealth,
+    now_ms: i64,
 }
 
 #[derive(Debug)]
@@ -184,6 +186,23 @@ impl Collector for StatusCollector {
                 }
             }
         }
+        self.gauge(
+            &mut enc,
+            "walship_storage_stalled_seconds",
+            "How long the store has not answered a call that stalled (0 while it answers)",
+            |r| {
+                Some(
+                    r.st.stalled_since_ms
+                        .map_or(0.0, |t| secs((r.now_ms - t).max(0)).max(0.001)),
+                )
+            },
+        )?;
+        self.counter(
+            &mut enc,
+            "walship_storage_stalls",
+            "Times a storage call went without progress for the stall threshold",
+            |r| r.st.stalls,
+        )?;
         self.gauge(
             &mut enc,
             "walship_consecutive_errors",

@@ -176,6 +176,7 @@ impl Replica {
         let opts = StoreOptions {
             s3: moto.options(),
             retry: None,
+            ..Default::default()
         };
         Replica::with(url, opts, None)
     }

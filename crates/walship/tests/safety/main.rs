@@ -9,10 +9,15 @@ mod absent;
 mod clock;
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../http_support/mod.rs"]
+mod http_support;
 
 mod exec;
 mod gaps;
 mod keys;
 mod ops;
 mod ops_logs;
+mod proxy;
+mod s3_quirks;
 mod secrets;
+mod stall;

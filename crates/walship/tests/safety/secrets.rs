@@ -18,10 +18,7 @@ use base64::Engine as _;
 use walship_storage::testkit::MotoServer;
 
 use crate::common::{Replicator, Rng, create_db, tail, walship};
-
-#[path = "../http_support/mod.rs"]
-mod http_support;
-use http_support::{client, insert_rows, listen_addr, strip_ansi};
+use crate::http_support::{client, insert_rows, listen_addr, strip_ansi};
 
 const ENV_AKID: &str = "AKIAENVQ7X2Z9W1LEAK";
 const ENV_SECRET: &str = "envSecretKey/Q7x2+Zp9WvB4nL8kR3tY6uH1jM5cD0aF";
