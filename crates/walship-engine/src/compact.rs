@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
+use walship_format::FormatError;
 use walship_format::crypto::KeyRing;
 use walship_format::key::{GenerationId, ObjectKey};
 use walship_format::object::{BodyWrite, FLAG_LZ4, HEADER_SIZE, Kind, ObjectHeader, ObjectReader};
@@ -260,16 +261,14 @@ fn copy_part(
     expect: &ObjectHeader,
     w: &mut dyn BodyWrite,
 ) -> io::Result<()> {
-    let obj = handle
-        .block_on(store.get(key, None))
-        .map_err(|e| io::Error::other(format!("read {key}: {e}")))?;
+    // The store's error travels inside the `io::Error`, typed (see `error::storage_error`).
+    let obj = handle.block_on(store.get(key, None)).map_err(io::Error::other)?;
     let body = BlockingBody {
         handle: handle.clone(),
         stream: obj.body,
         cur: Bytes::new(),
     };
-    let mut r = ObjectReader::with_keys(body, keys)
-        .map_err(|e| io::Error::other(format!("read {key}: {e}")))?;
+    let mut r = ObjectReader::with_keys(body, keys).map_err(|e| read_error(key, e))?;
     let h = *r.header();
     // The encryption flag may differ from the replicator's note of it; the rest may not.
     if (ObjectHeader { flags: 0, ..h })
@@ -299,7 +298,7 @@ fn copy_part(
     let mut n = 0u64;
     while let Some((raw, lz4)) = r
         .next_stored_block()
-        .map_err(|e| io::Error::other(format!("read {key}: {e}")))?
+        .map_err(|e| read_error(key, e))?
     {
         w.write_compressed_block(raw, lz4)?;
         n += raw as u64;
@@ -313,7 +312,17 @@ fn copy_part(
     Ok(())
 }
 
-/// A blocking `Read` over a store's byte stream (used on blocking threads only).
+/// A failure to read part `key`: the reader's own error as it was (a store's error inside
+/// stays typed), damaged bytes named with the key.
+fn read_error(key: &str, e: FormatError) -> io::Error {
+    match e {
+        FormatError::Io(e) => e,
+        other => io::Error::other(format!("read {key}: {other}")),
+    }
+}
+
+/// A blocking `Read` over a store's byte stream (used on blocking threads only); a store's
+/// error comes out as an `io::Error` carrying the [`walship_storage::StorageError`].
 struct BlockingBody {
     handle: tokio::runtime::Handle,
     stream: ByteStream,
@@ -325,7 +334,7 @@ impl Read for BlockingBody {
         while self.cur.is_empty() {
             match self.handle.block_on(self.stream.next()) {
                 Some(Ok(b)) => self.cur = b,
-                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+                Some(Err(e)) => return Err(io::Error::other(e)),
                 None => return Ok(0),
             }
         }

@@ -267,8 +267,74 @@ impl EngineError {
     }
 }
 
+/// The [`StorageError`] an `io::Error` carries, taken out, if it carries one: a store's error
+/// crossing a blocking `Read` travels as `io::Error::other(StorageError)`, possibly wrapped
+/// once more by a decoder as `io::Error::other(FormatError::Io(..))`. Otherwise the error
+/// as it was.
+pub(crate) fn storage_error(e: io::Error) -> Result<StorageError, io::Error> {
+    let inner = e.get_ref();
+    let holds_storage = inner.is_some_and(|i| i.is::<StorageError>());
+    let holds_format_io =
+        inner.is_some_and(|i| matches!(i.downcast_ref::<FormatError>(), Some(FormatError::Io(_))));
+    if !holds_storage && !holds_format_io {
+        return Err(e);
+    }
+    let kind = e.kind();
+    let Some(inner) = e.into_inner() else {
+        return Err(io::Error::from(kind));
+    };
+    let inner = match inner.downcast::<StorageError>() {
+        Ok(se) => return Ok(*se),
+        Err(other) => other,
+    };
+    match inner.downcast::<FormatError>() {
+        Ok(fe) => match *fe {
+            FormatError::Io(e) => {
+                storage_error(e).map_err(|e| io::Error::new(kind, FormatError::Io(e)))
+            }
+            other => Err(io::Error::new(kind, other)),
+        },
+        Err(other) => Err(io::Error::new(kind, other)),
+    }
+}
+
 impl From<tokio::task::JoinError> for EngineError {
     fn from(e: tokio::task::JoinError) -> Self {
         EngineError::Task(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn unavailable() -> StorageError {
+        StorageError::Unavailable {
+            store: "s3://b".into(),
+            detail: "503".into(),
+        }
+    }
+
+    #[test]
+    fn a_storage_error_inside_an_io_error_is_taken_out_typed_even_under_a_decoder() {
+        let direct = io::Error::other(unavailable());
+        assert!(storage_error(direct).unwrap().is_transient());
+        let wrapped = io::Error::other(FormatError::Io(io::Error::other(unavailable())));
+        assert!(storage_error(wrapped).unwrap().is_transient());
+    }
+
+    #[test]
+    fn an_io_error_without_a_storage_error_comes_back_as_it_was() {
+        let plain = io::Error::new(io::ErrorKind::UnexpectedEof, "short read");
+        let back = storage_error(plain).unwrap_err();
+        assert_eq!(back.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(back.to_string(), "short read");
+        let corrupt = FormatError::corrupt("bad CRC").into_io();
+        let back = storage_error(corrupt).unwrap_err();
+        assert!(FormatError::from_io(back).is_corrupt());
+        let local = io::Error::other(FormatError::Io(io::Error::other("disk")));
+        let back = storage_error(local).unwrap_err();
+        assert!(!FormatError::from_io(back).is_corrupt());
     }
 }

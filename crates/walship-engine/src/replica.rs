@@ -230,7 +230,7 @@ impl Replica {
                 w.finish()
             })
             .await?
-            .map_err(|e| EngineError::io("encode object", e))?;
+            .map_err(produce_error)?;
             let n = bytes.len() as u64;
             self.put_retrying_exists(key, PutBody::Bytes(Bytes::from(bytes)), &opts, &header)
                 .await?;
@@ -266,7 +266,7 @@ impl Replica {
             // The put stopped first (its error ended the stream): the put's error says why.
             (Err(e), Err(_)) if stopped.load(Ordering::Acquire) => Err(e.into()),
             // Otherwise a failed producer is the cause of a failed put: report it, typed.
-            (_, Err(p)) => Err(EngineError::io("encode object", p)),
+            (_, Err(p)) => Err(produce_error(p)),
             (Err(e), Ok(_)) => Err(e.into()),
         }
     }
@@ -478,6 +478,17 @@ impl Write for ChannelWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+
+/// The engine error for a failed producer of an upload's body: a store's error it met (a
+/// merge reads its parts from the store) stays the store's error, so a transient one stays
+/// transient; anything else is an encoding failure.
+fn produce_error(e: io::Error) -> EngineError {
+    match crate::error::storage_error(e) {
+        Ok(se) => EngineError::Storage(se),
+        Err(e) => EngineError::io("encode object", e),
     }
 }
 

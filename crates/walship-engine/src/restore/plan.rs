@@ -3,11 +3,11 @@
 
 use std::collections::HashSet;
 
-use walship_format::key::{GenerationId, ObjectKey};
+use walship_format::key::{GENERATIONS_DIR, GenerationId, ObjectKey, format_rfc3339};
 
 use super::gap::{Gap, find_gap};
-use crate::error::EngineResult;
-use crate::replica::{Listed, Replica};
+use crate::error::{EngineError, EngineResult};
+use crate::replica::{GenerationObjects, Listed, Replica};
 
 /// The objects a restore would read, and what it would leave out.
 #[derive(Debug, Clone)]
@@ -75,4 +75,116 @@ pub async fn plan(replica: &Replica, target_ms: Option<i64>) -> EngineResult<Res
         });
     }
     Err(super::nothing_restored(replica, target_ms, Vec::new(), passed).await?)
+}
+
+
+/// Every generation with its objects, the highest id (the newest, by construction) first.
+pub(super) async fn in_id_order(replica: &Replica) -> EngineResult<Vec<(GenerationId, GenerationObjects)>> {
+    let mut gens = Vec::new();
+    // `generations` sorts by id, highest first.
+    for generation in replica.generations().await? {
+        gens.push((generation, replica.objects(generation).await?));
+    }
+    Ok(gens)
+}
+
+/// Why a generation had no snapshot to try.
+pub(super) fn no_snapshot(objs: &GenerationObjects, target_ms: Option<i64>) -> String {
+    let oldest = objs.snapshots.iter().map(|s| s.key.timestamp_ms()).min();
+    match (oldest, target_ms) {
+        (Some(t), Some(_)) => format!(
+            "no snapshot at or before the requested time (the oldest was written at {})",
+            format_rfc3339(t)
+        ),
+        _ if !objs.segments.is_empty() => {
+            format!("no snapshot ({} segments without one)", objs.segments.len())
+        }
+        _ => format!(
+            "no snapshot ({} keys walship did not write)",
+            objs.foreign.len()
+        ),
+    }
+}
+
+/// The error when nothing was restored: [`EngineError::NothingToRestore`] only when the
+/// replica holds no object at all under `generations/` (a lease alone holds no data);
+/// otherwise [`EngineError::Unrestorable`], naming what was tried and why each failed.
+pub(super) async fn nothing_restored(
+    replica: &Replica,
+    target: Option<i64>,
+    skipped: Vec<(String, String)>,
+    passed: Vec<(String, String)>,
+) -> EngineResult<EngineError> {
+    if skipped.is_empty() && passed.is_empty() && replica.holds_nothing().await? {
+        return Ok(EngineError::NothingToRestore {
+            replica: replica.describe(),
+            target,
+        });
+    }
+    let mut tried = skipped;
+    tried.extend(passed);
+    if tried.is_empty() {
+        tried.push((
+            GENERATIONS_DIR.to_string(),
+            "keys walship did not write, and no generation".to_string(),
+        ));
+    }
+    Ok(EngineError::Unrestorable {
+        replica: replica.describe(),
+        target,
+        tried,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::Arc;
+    use walship_storage::ObjectStore;
+
+    #[tokio::test]
+    async fn only_a_replica_with_nothing_under_generations_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = walship_storage::LocalStore::new(dir.path().join("r")).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(store);
+        let replica = Replica::new(store.clone());
+        let e = nothing_restored(&replica, None, Vec::new(), Vec::new())
+            .await
+            .unwrap();
+        assert!(matches!(e, EngineError::NothingToRestore { .. }), "{e}");
+        // A lease alone holds no data.
+        store
+            .put("lease/fffffffffffffffe", Bytes::from_static(b"{}").into())
+            .await
+            .unwrap();
+        let e = nothing_restored(&replica, None, Vec::new(), Vec::new())
+            .await
+            .unwrap();
+        assert!(matches!(e, EngineError::NothingToRestore { .. }), "{e}");
+        // Anything under generations/ is not absent, even a key walship did not write.
+        store
+            .put("generations/README", Bytes::from_static(b"x").into())
+            .await
+            .unwrap();
+        let e = nothing_restored(&replica, None, Vec::new(), Vec::new())
+            .await
+            .unwrap();
+        assert!(matches!(e, EngineError::Unrestorable { .. }), "{e}");
+        // What was tried is named, with why.
+        let tried = vec![(
+            "generations/x/snapshots/s.wsnap".to_string(),
+            "corrupt: CRC".to_string(),
+        )];
+        let e = nothing_restored(&replica, Some(0), tried, Vec::new())
+            .await
+            .unwrap();
+        let msg = e.to_string();
+        assert!(matches!(e, EngineError::Unrestorable { .. }), "{msg}");
+        assert!(
+            msg.contains("s.wsnap: corrupt: CRC") && !msg.contains('\n'),
+            "{msg}"
+        );
+    }
 }
