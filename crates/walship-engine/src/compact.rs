@@ -262,7 +262,9 @@ fn copy_part(
     w: &mut dyn BodyWrite,
 ) -> io::Result<()> {
     // The store's error travels inside the `io::Error`, typed (see `error::storage_error`).
-    let obj = handle.block_on(store.get(key, None)).map_err(io::Error::other)?;
+    let obj = handle
+        .block_on(store.get(key, None))
+        .map_err(io::Error::other)?;
     let body = BlockingBody {
         handle: handle.clone(),
         stream: obj.body,
@@ -296,10 +298,7 @@ fn copy_part(
     // way, and nothing is decompressed or compressed again. Restore decompresses and verifies
     // every frame of the merged object.
     let mut n = 0u64;
-    while let Some((raw, lz4)) = r
-        .next_stored_block()
-        .map_err(|e| read_error(key, e))?
-    {
+    while let Some((raw, lz4)) = r.next_stored_block().map_err(|e| read_error(key, e))? {
         w.write_compressed_block(raw, lz4)?;
         n += raw as u64;
     }

@@ -481,7 +481,6 @@ impl Write for ChannelWriter {
     }
 }
 
-
 /// The engine error for a failed producer of an upload's body: a store's error it met (a
 /// merge reads its parts from the store) stays the store's error, so a transient one stays
 /// transient; anything else is an encoding failure.

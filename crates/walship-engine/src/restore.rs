@@ -320,7 +320,10 @@ mod tests {
         assert!(why.contains("bad CRC"), "{why}");
         let check = EngineError::IntegrityCheck("page 3".into());
         let (key, why) = fall_back(check, "s").unwrap();
-        assert_eq!((key.as_str(), why.as_str()), ("s", "integrity check failed: page 3"));
+        assert_eq!(
+            (key.as_str(), why.as_str()),
+            ("s", "integrity check failed: page 3")
+        );
     }
 
     #[test]

@@ -118,8 +118,7 @@ pub(super) fn read_segment(
         key: key.to_string(),
         source: FormatError::corrupt(msg),
     };
-    let mut r = ObjectReader::with_keys(reader, keys)
-        .map_err(|source| decoding(key, source))?;
+    let mut r = ObjectReader::with_keys(reader, keys).map_err(|source| decoding(key, source))?;
     let h = *r.header();
     let why = match listed {
         Some(k) => disagreement(&k, &h),

@@ -149,31 +149,11 @@ pub(super) async fn attempt(
         page_size,
         progress: opts.progress.as_ref(),
     };
-    let (stop, mut remaining) = apply_segments(&target, segments, &mut report).await?;
-    if let Some(stop) = stop {
-        let better = match &stop {
-            Stop::Unusable { key, .. } => (on_stop_.better_without)(key, report.position),
-            Stop::Gone { .. } => false,
-        };
-        let (key, why) = match (on_stop(&stop, on_stop_.relist, better), stop) {
-            (StopAction::Relist, stop) => return Ok(Attempt::Gone { key: stop.into_key() }),
-            (StopAction::Avoid, Stop::Unusable { key, why }) => {
-                return Ok(Attempt::Avoid {
-                    key,
-                    why,
-                    reached: report.position,
-                });
-            }
-            (_, Stop::Gone { key }) => (key, GONE.to_string()),
-            (_, Stop::Unusable { key, why }) => (key, why),
-        };
-        report.stopped_at = Some(key.clone());
-        report.skipped.push((key, why));
-        while let Some(rest) = remaining.pop() {
-            report
-                .skipped
-                .push((rest, "after a skipped segment".into()));
-        }
+    let (stop, remaining) = apply_segments(&target, segments, &mut report).await?;
+    if let Some(stop) = stop
+        && let Some(ended) = settle(stop, on_stop_, &mut report, remaining)
+    {
+        return Ok(ended);
     }
     tracing::debug!(
         segments = report.segments,
@@ -186,6 +166,45 @@ pub(super) async fn attempt(
     // 3. Size, fsync and integrity check.
     finish(file, &tmp, u64::from(report.pages) * u64::from(page_size)).await?;
     Ok(Attempt::Done(Box::new(report), tmp))
+}
+
+/// Settles a chain that stopped at `stop` ([`on_stop`]): an attempt to end without output
+/// (list again, or restore around the segment), or `None` to keep what was reached, with
+/// the segment and those after it (`remaining`, last first) named as skipped in `report`.
+fn settle(
+    stop: Stop,
+    on_stop_: OnStop<'_>,
+    report: &mut RestoreReport,
+    mut remaining: Vec<String>,
+) -> Option<Attempt> {
+    let better = match &stop {
+        Stop::Unusable { key, .. } => (on_stop_.better_without)(key, report.position),
+        Stop::Gone { .. } => false,
+    };
+    let (key, why) = match (on_stop(&stop, on_stop_.relist, better), stop) {
+        (StopAction::Relist, stop) => {
+            return Some(Attempt::Gone {
+                key: stop.into_key(),
+            });
+        }
+        (StopAction::Avoid, Stop::Unusable { key, why }) => {
+            return Some(Attempt::Avoid {
+                key,
+                why,
+                reached: report.position,
+            });
+        }
+        (_, Stop::Gone { key }) => (key, GONE.to_string()),
+        (_, Stop::Unusable { key, why }) => (key, why),
+    };
+    report.stopped_at = Some(key.clone());
+    report.skipped.push((key, why));
+    while let Some(rest) = remaining.pop() {
+        report
+            .skipped
+            .push((rest, "after a skipped segment".into()));
+    }
+    None
 }
 
 /// Why a segment listed at the start was not applied: it was deleted meanwhile (the reason

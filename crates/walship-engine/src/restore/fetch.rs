@@ -259,7 +259,10 @@ mod tests {
         );
         assert!(!e.is_transient());
         let damaged = io::Error::other(FormatError::corrupt("bad CRC"));
-        assert!(matches!(classify("k", damaged), EngineError::Corrupt { .. }));
+        assert!(matches!(
+            classify("k", damaged),
+            EngineError::Corrupt { .. }
+        ));
         let local = io::Error::new(io::ErrorKind::UnexpectedEof, "short");
         assert!(matches!(classify("k", local), EngineError::Io { .. }));
     }

@@ -77,9 +77,10 @@ pub async fn plan(replica: &Replica, target_ms: Option<i64>) -> EngineResult<Res
     Err(super::nothing_restored(replica, target_ms, Vec::new(), passed).await?)
 }
 
-
 /// Every generation with its objects, the highest id (the newest, by construction) first.
-pub(super) async fn in_id_order(replica: &Replica) -> EngineResult<Vec<(GenerationId, GenerationObjects)>> {
+pub(super) async fn in_id_order(
+    replica: &Replica,
+) -> EngineResult<Vec<(GenerationId, GenerationObjects)>> {
     let mut gens = Vec::new();
     // `generations` sorts by id, highest first.
     for generation in replica.generations().await? {

@@ -120,7 +120,6 @@ mod tests {
     use crate::replica::Listed;
     use walship_format::key::ObjectKey;
 
-
     fn listed(key: ObjectKey) -> Listed {
         Listed {
             name: key.format(),

@@ -68,8 +68,6 @@ pub(super) fn install(tmp: TempOutput, output: &Path, overwrite: bool) -> Engine
     Ok(())
 }
 
-/// Why a segment listed at the start was not applied: it was deleted meanwhile.
-
 /// Sizes the restored file to `len`; then runs the fsync and the integrity check side by
 /// side (the check reads what the page cache holds, which the fsync only writes out: one
 /// waits on the disk, the other works the CPU). The rename follows once both succeeded.
