@@ -98,7 +98,7 @@ pub(super) async fn attempt(
     chain: &[&Listed],
     output: &Path,
     opts: &RestoreOptions,
-    on_stop_: OnStop<'_>,
+    stopped: OnStop<'_>,
 ) -> EngineResult<Attempt> {
     let t_start = Instant::now();
     let tmp = temp_output(output)?;
@@ -151,7 +151,7 @@ pub(super) async fn attempt(
     };
     let (stop, remaining) = apply_segments(&target, segments, &mut report).await?;
     if let Some(stop) = stop
-        && let Some(ended) = settle(stop, on_stop_, &mut report, remaining)
+        && let Some(ended) = settle(stop, stopped, &mut report, remaining)
     {
         return Ok(ended);
     }
@@ -173,15 +173,15 @@ pub(super) async fn attempt(
 /// the segment and those after it (`remaining`, last first) named as skipped in `report`.
 fn settle(
     stop: Stop,
-    on_stop_: OnStop<'_>,
+    stopped: OnStop<'_>,
     report: &mut RestoreReport,
     mut remaining: Vec<String>,
 ) -> Option<Attempt> {
     let better = match &stop {
-        Stop::Unusable { key, .. } => (on_stop_.better_without)(key, report.position),
+        Stop::Unusable { key, .. } => (stopped.better_without)(key, report.position),
         Stop::Gone { .. } => false,
     };
-    let (key, why) = match (on_stop(&stop, on_stop_.relist, better), stop) {
+    let (key, why) = match (on_stop(&stop, stopped.relist, better), stop) {
         (StopAction::Relist, stop) => {
             return Some(Attempt::Gone {
                 key: stop.into_key(),
