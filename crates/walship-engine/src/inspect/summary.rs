@@ -92,7 +92,8 @@ pub struct LiveDb {
 }
 
 impl LiveDb {
-    /// Opens it ([`EngineError::MissingDatabase`] if there is no file).
+    /// Opens it ([`EngineError::MissingDatabase`](crate::EngineError::MissingDatabase) if
+    /// there is no file).
     pub fn open(path: &Path) -> EngineResult<LiveDb> {
         Ok(LiveDb {
             conn: open_live(path)?,
