@@ -3,6 +3,7 @@
 use super::*;
 use crate::crypto::{KEY_ID_LEN, KeyRing, PREAMBLE_SIZE, TAG_SIZE};
 
+/// Reads one object from `R`: the header at once, then the raw body through `Read`.
 ///
 /// `read` returns `Ok(0)` only after the end block and a verified trailer; any damage is an
 /// `io::Error` whose inner error is a [`FormatError`] (see [`FormatError::from_io`]).
