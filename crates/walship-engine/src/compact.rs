@@ -3,7 +3,7 @@
 //!
 //! A replicator under a light, steady load ships a small segment every sync gap: ten objects
 //! a second at 100 transactions/s. Each costs a restore one request, and on most stores a
-//! request costs more than the bytes in it. The [`Compactor`] task takes each segment the
+//! request costs more than the bytes in it. The `Compactor` task takes each segment the
 //! replicator shipped and, once [`CompactionOptions::fan_in`] consecutive pieces of one level
 //! have gathered, writes one merged segment (kind [`Kind::Merged`]) holding every part's
 //! header and frames, verbatim, covering the same positions (across WAL restarts too): its

@@ -43,6 +43,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod compact;
 pub mod db;
 mod error;

@@ -27,6 +27,8 @@
 //! assert_eq!(page.len(), 4096);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod crypto;
 pub mod key;
 pub mod object;

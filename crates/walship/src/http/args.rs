@@ -45,7 +45,7 @@ pub struct HttpArgs {
     /// ... and critical past this (default: 4 x --snapshot-interval + 5m).
     #[arg(long)]
     pub health_snapshot_critical_age: Option<Dur>,
-    /// Directory of the run history (default: <DB>-walship beside the database).
+    /// Directory of the run history (default: `<DB>-walship` beside the database).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }

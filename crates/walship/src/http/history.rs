@@ -508,7 +508,7 @@ fn last_kind(prev: &Status, cur: &Status) -> Option<String> {
 /// `walship history`.
 #[derive(Debug, Args)]
 pub struct HistoryArgs {
-    /// The database (its history is in <DB>-walship/).
+    /// The database (its history is in `<DB>-walship/`).
     pub db: PathBuf,
     /// The state directory, if `replicate` was given --state-dir.
     #[arg(long, value_name = "DIR")]
