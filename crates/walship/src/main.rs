@@ -8,6 +8,7 @@ mod clock;
 mod config;
 mod duration;
 mod exec;
+mod fdlimit;
 mod http;
 mod logging;
 mod progress;
@@ -420,6 +421,9 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
     // Handlers first: a SIGTERM that arrives while the replicas are being checked must lead
     // to a clean start-and-stop (final sync, exit 0), not to death by the default action.
     let mut signals = exec::Signals::install()?;
+    // Every descriptor the system allows, for replication first (the HTTP server's cap is
+    // set from what is left).
+    fdlimit::raise();
     // A refused start removes the replica directories it created.
     let mut scaffold = scaffold::Scaffold::default();
     let pairs = replicate_pairs(&mut a, &mut scaffold).await?;
@@ -456,7 +460,7 @@ async fn replicate(mut a: ReplicateArgs) -> Result<ExitCode> {
         handles.push(handle);
     }
     // Run history, alerts and (with --listen) the HTTP server; never in the replicators' way.
-    let monitoring = http::start(&a.http, databases, snapshot_interval).await?;
+    let monitoring = http::start(&a.http, databases, snapshot_interval, &cancel).await?;
     let deadline = a.shutdown_timeout.0;
 
     // Replication is up once every replicator made one successful sync; only then start

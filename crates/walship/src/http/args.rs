@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{Options, Thresholds};
+use super::{Limits, Options, Thresholds};
 use crate::duration::Dur;
 
 /// `walship replicate` flags for the HTTP server and monitoring. `Debug` shows neither the
@@ -48,6 +48,23 @@ pub struct HttpArgs {
     /// Directory of the run history (default: `<DB>-walship` beside the database).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// HTTP connections served at once; more are closed as soon as they are accepted.
+    /// Lowered under a small limit of open files, so clients never take the descriptors
+    /// replication needs.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub http_max_connections: u64,
+    /// Close an HTTP connection whose request header is not complete this long after it
+    /// opened (or after the first byte of a later request).
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub http_header_timeout: Dur,
+    /// Close an HTTP connection that waits this long for its next request, or whose
+    /// response moves no byte for this long.
+    #[arg(long, default_value = "60s", value_name = "DURATION")]
+    pub http_idle_timeout: Dur,
+    /// Answer 503 to a request whose handler has not answered within this (the snapshot and
+    /// download endpoints take longest).
+    #[arg(long, default_value = "10m", value_name = "DURATION")]
+    pub http_request_timeout: Dur,
 }
 
 impl std::fmt::Debug for HttpArgs {
@@ -101,8 +118,22 @@ impl HttpArgs {
             thresholds.point_warn <= thresholds.point_critical,
             "--health-warn-age must not exceed --health-critical-age"
         );
+        for (flag, d) in [
+            ("--http-header-timeout", self.http_header_timeout.0),
+            ("--http-idle-timeout", self.http_idle_timeout.0),
+            ("--http-request-timeout", self.http_request_timeout.0),
+        ] {
+            anyhow::ensure!(!d.is_zero(), "{flag} must be longer than 0 s");
+        }
+        let limits = Limits {
+            max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
+            header_timeout: self.http_header_timeout.0,
+            idle_timeout: self.http_idle_timeout.0,
+            request_timeout: self.http_request_timeout.0,
+        };
         Ok(Options {
             thresholds,
+            limits,
             api_token,
             webhooks: self.webhooks.clone(),
             alert_after_failures: self.alert_after_failures.max(1),

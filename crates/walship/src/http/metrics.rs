@@ -67,6 +67,7 @@ pub fn render(state: &AppState) -> String {
         })
         .collect();
     reg.register_collector(Box::new(StatusCollector { rows }));
+    reg.register_collector(Box::new(HttpCollector(state.inner.http.clone())));
     reg.register(
         "walship_snapshot_duration_seconds",
         "How long snapshots took (encode and upload)",
@@ -77,6 +78,50 @@ pub fn render(state: &AppState) -> String {
         out.clear();
     }
     out
+}
+
+/// The HTTP server's own connections (no `db` label).
+#[derive(Debug)]
+struct HttpCollector(std::sync::Arc<super::server::Stats>);
+
+impl Collector for HttpCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let gauges = [
+            (
+                "walship_http_connections",
+                "HTTP connections open now",
+                s.open.load(Relaxed),
+            ),
+            (
+                "walship_http_connections_max",
+                "HTTP connections served at once (more are closed at once)",
+                s.max.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(v as i64).encode(m)?;
+        }
+        let counters = [
+            (
+                "walship_http_connections_refused",
+                "HTTP connections closed at once because the connection cap was reached",
+                s.refused.load(Relaxed),
+            ),
+            (
+                "walship_http_connections_timed_out",
+                "HTTP connections closed by the header, idle or send timeout",
+                s.timed_out.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(m)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

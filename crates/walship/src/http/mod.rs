@@ -7,8 +7,10 @@
 //!   status, records backup runs in the database's history (`<db>-walship/history.jsonl`),
 //!   evaluates health once a second and posts webhook alerts on changes. It never calls
 //!   into the replicator except to read its status, so it cannot block replication.
-//! - [`serve`] binds the HTTP server (axum): `/healthz`, `/health`, `/metrics`, the JSON
-//!   admin API under `/api/v1/` and the dashboard at `/`.
+//! - [`serve`] binds the HTTP server (axum on hyper): `/healthz`, `/health`, `/metrics`, the
+//!   JSON admin API under `/api/v1/` and the dashboard at `/`. Its accept loop
+//!   (`server.rs`) caps connections and times out every phase of one ([`Limits`]), so no
+//!   client can take the descriptors or the time replication needs.
 //!
 //! The replicate subcommand uses [`start`], which does all three from [`HttpArgs`]; a daemon
 //! running many replicators builds its [`Database`] list itself and calls [`AppState::new`],
@@ -34,6 +36,7 @@ pub mod history;
 mod inventory;
 mod metrics;
 mod monitor;
+mod server;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +50,7 @@ use walship_engine::{Replica, ReplicatorHandle};
 pub use self::args::HttpArgs;
 pub use self::health::Thresholds;
 pub use self::monitor::Monitors;
+pub use self::server::Limits;
 
 use self::alerts::AlertSender;
 use self::history::History;
@@ -149,6 +153,8 @@ pub struct Options {
     /// The replica is listed again this long after a snapshot (once its retention pass is
     /// done), and otherwise never while the replicator runs.
     pub relist_after_snapshot: Duration,
+    /// The HTTP server's connection cap and timeouts.
+    pub limits: Limits,
 }
 
 impl std::fmt::Debug for Options {
@@ -159,6 +165,7 @@ impl std::fmt::Debug for Options {
             .field("webhooks", &self.webhooks.len())
             .field("alert_after_failures", &self.alert_after_failures)
             .field("history_max_bytes", &self.history_max_bytes)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -173,6 +180,7 @@ impl Default for Options {
             history_max_bytes: history::DEFAULT_MAX_BYTES,
             webhook_backoff: alerts::DEFAULT_BACKOFF.to_vec(),
             relist_after_snapshot: Duration::from_secs(10),
+            limits: Limits::default(),
         }
     }
 }
@@ -193,6 +201,8 @@ struct Inner {
     listen: Mutex<Option<SocketAddr>>,
     /// One download (restore into a temporary file) at a time.
     downloads: tokio::sync::Semaphore,
+    /// The HTTP server's connection counts.
+    http: Arc<server::Stats>,
 }
 
 /// A database and what is kept about it.
@@ -256,6 +266,7 @@ impl AppState {
                 started_ms: now_ms(),
                 listen: Mutex::new(None),
                 downloads: tokio::sync::Semaphore::new(1),
+                http: Arc::default(),
             }),
         })
     }
@@ -306,7 +317,8 @@ impl AppState {
     }
 }
 
-/// Binds `addr` and serves until `cancel`. Returns the bound address (useful with port 0)
+/// Binds `addr` and serves until `cancel`, within the options' [`Limits`]; on `cancel`
+/// every connection is dropped at once. Returns the bound address (useful with port 0)
 /// and the server task.
 pub async fn serve(
     addr: SocketAddr,
@@ -320,16 +332,18 @@ pub async fn serve(
     if let Ok(mut l) = state.inner.listen.lock() {
         *l = Some(local);
     }
-    tracing::info!(addr = %local, "HTTP server listening");
+    let limits = state.inner.opts.limits;
+    tracing::info!(
+        addr = %local,
+        max_connections = limits.max_connections,
+        header_timeout_ms = limits.header_timeout.as_millis() as u64,
+        idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
+        request_timeout_ms = limits.request_timeout.as_millis() as u64,
+        "HTTP server listening"
+    );
+    let stats = state.inner.http.clone();
     let app = api::router(state);
-    let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    });
+    let task = tokio::spawn(server::run(listener, app, limits, stats, cancel));
     Ok((local, task))
 }
 
@@ -353,7 +367,8 @@ impl Running {
         &self.state
     }
 
-    /// After the replicators stopped: records the last runs, stops the server.
+    /// After the replicators stopped: records the last runs, stops the server (if the
+    /// replicators' cancellation has not stopped it already).
     pub async fn stop(self) {
         self.monitors.stop().await;
         self.cancel.cancel();
@@ -364,20 +379,34 @@ impl Running {
 }
 
 /// Starts monitors (always: the run history and webhooks work without a server) and, with
-/// `--listen`, the server, for the databases of `walship replicate`.
+/// `--listen`, the server, for the databases of `walship replicate`. The server stops, and
+/// drops every connection, as soon as `replication` is cancelled: before the final sync,
+/// which never waits for an HTTP client.
 pub async fn start(
     args: &HttpArgs,
     dbs: Vec<Database>,
     snapshot_interval: Duration,
+    replication: &CancellationToken,
 ) -> Result<Running> {
-    let opts = args.options(snapshot_interval)?;
+    let mut opts = args.options(snapshot_interval)?;
+    let wanted = opts.limits.max_connections;
+    let nofile = crate::fdlimit::soft();
+    opts.limits.max_connections = server::connection_cap(wanted, nofile, dbs.len());
+    if args.listen.is_some() && opts.limits.max_connections < wanted {
+        tracing::warn!(
+            max_connections = opts.limits.max_connections,
+            wanted,
+            open_files_limit = nofile.unwrap_or(0),
+            "HTTP connections capped lower than asked, to leave descriptors for replication (raise the hard limit of open files to serve more)"
+        );
+    }
     let dbs = match &args.state_dir {
         Some(dir) => dbs.into_iter().map(|d| d.with_state_dir(dir)).collect(),
         None => dbs,
     };
     let state = AppState::new(dbs, opts)?;
     let monitors = spawn_monitors(&state);
-    let cancel = CancellationToken::new();
+    let cancel = replication.child_token();
     let server = match args.listen {
         Some(addr) => Some(serve(addr, state.clone(), cancel.clone()).await?.1),
         None => None,

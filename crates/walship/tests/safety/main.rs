@@ -14,6 +14,7 @@ mod http_support;
 
 mod exec;
 mod gaps;
+mod http_clients;
 mod keys;
 mod ops;
 mod ops_logs;
