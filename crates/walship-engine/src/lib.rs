@@ -45,6 +45,7 @@
 
 #![warn(missing_docs)]
 
+mod backoff;
 pub mod compact;
 pub mod db;
 mod error;

@@ -23,6 +23,7 @@ use walship_format::object::{FLAG_LZ4, Kind, ObjectHeader, WalState};
 use walship_format::wal::{Checksum, FrameChain, WalHeader};
 
 use crate::AbortOnDrop;
+use crate::backoff::{self, Backoff, Report};
 use crate::compact::{CompactionOptions, Compactor, Piece, Shipped};
 use crate::db::{CheckpointMode, CheckpointResult, Copier, Db};
 use crate::error::{EngineError, EngineResult};
@@ -223,6 +224,9 @@ pub struct Status {
     pub errors_by_kind: BTreeMap<&'static str, u64>,
     /// Rounds that failed in a row; 0 after a successful sync.
     pub consecutive_errors: u64,
+    /// Set when the replicator lost the replica's lease and stopped: who holds it now
+    /// (another replicator writes to the replica; this one ships nothing more).
+    pub lease_lost: Option<String>,
     /// Merged segments written ([`crate::compact`]).
     pub segments_merged: u64,
     /// Segments deleted after a merged segment covered them for the keep time.
@@ -2103,6 +2107,36 @@ impl Replicator {
         })
     }
 
+    /// Logs a failed round as the back-off says (one warning per failure episode, then
+    /// reminders) and publishes it in the status.
+    fn report_failure(&self, backoff: &mut Backoff, started: Instant, e: &EngineError) {
+        let db = self.span_db();
+        match backoff.failed(started, Instant::now(), self.opts.sync_interval) {
+            Report::First { retry_in } => {
+                tracing::warn!(%db, error = %e, retry_in_ms = retry_in.as_millis() as u64, "sync failed; retrying with back-off (up to every {}s) until it works", backoff::MAX_RETRY_DELAY.as_secs());
+            }
+            Report::Reminder { attempts, over } => {
+                tracing::warn!(%db, attempts, error = %e, "still failing: {attempts} attempts over {}: {e}", backoff::human(over));
+            }
+            Report::Quiet { retry_in } => {
+                tracing::debug!(%db, error = %e, retry_in_ms = retry_in.as_millis() as u64, "sync failed again");
+            }
+        }
+        let msg = e.to_string();
+        let kind = error_kind(e);
+        // Lag only for data known to wait: a failed snapshot or checkpoint after a
+        // complete sync leaves nothing unshipped.
+        let pending = self.pending_since;
+        self.publish(|s| {
+            s.last_error = Some(msg);
+            *s.errors_by_kind.entry(kind).or_default() += 1;
+            s.consecutive_errors += 1;
+            if let Some(p) = pending {
+                s.unsynced_since_ms = Some(s.unsynced_since_ms.map_or(p, |u| u.min(p)));
+            }
+        });
+    }
+
     async fn run(mut self, cancel: CancellationToken) -> EngineResult<()> {
         // Without file notifications, poll the WAL as often as a sync may run.
         let period = if self.watcher.is_some() {
@@ -2122,8 +2156,11 @@ impl Replicator {
                 .clamp(Duration::from_millis(20), Duration::from_millis(250)),
         );
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A failing replica is retried on a back-off schedule, not at every write.
+        let mut backoff = Backoff::default();
         loop {
             let mut reply: Option<Command> = None;
+            let retry_at = backoff.retry_at().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
@@ -2140,31 +2177,35 @@ impl Replicator {
                     // Under a heavy write load (the last round shipped a good part of a
                     // checkpoint's worth) and right after a handoff, sync at once: the data is
                     // there, and waiting only lets lag and the WAL grow.
-                    if since < self.opts.min_sync_gap && !self.heavy_round() && self.follow_up == 0 {
+                    if since < self.opts.min_sync_gap && !self.heavy_round() && self.follow_up == 0
+                        && backoff.may_retry(Instant::now())
+                    {
                         let until = tokio::time::Instant::now() + (self.opts.min_sync_gap - since);
                         if self.wait_out_gap(until, &cancel).await {
                             break;
                         }
                     }
                 }
+                _ = async { if let Some(t) = retry_at { tokio::time::sleep_until(t).await } }, if retry_at.is_some() => {}
                 cmd = self.cmds.recv() => reply = cmd,
             }
+            // Within a failure episode the loop waits out the back-off; a caller of `sync()`
+            // or `snapshot()` is served at once.
+            if reply.is_none() && !backoff.may_retry(Instant::now()) {
+                continue;
+            }
+            let started = Instant::now();
             let r = self.round(&reply).await;
-            if let Err(e) = &r {
-                tracing::warn!(db = %self.span_db(), error = %e, "sync failed; will retry");
-                let msg = e.to_string();
-                let kind = error_kind(e);
-                // Lag only for data known to wait: a failed snapshot or checkpoint after a
-                // complete sync leaves nothing unshipped.
-                let pending = self.pending_since;
-                self.publish(|s| {
-                    s.last_error = Some(msg);
-                    *s.errors_by_kind.entry(kind).or_default() += 1;
-                    s.consecutive_errors += 1;
-                    if let Some(p) = pending {
-                        s.unsynced_since_ms = Some(s.unsynced_since_ms.map_or(p, |u| u.min(p)));
+            match &r {
+                Err(e) if self.lease_lost.is_none() => {
+                    self.report_failure(&mut backoff, started, e);
+                }
+                Err(_) => {}
+                Ok(()) => {
+                    if let Some(ep) = backoff.succeeded() {
+                        tracing::info!(db = %self.span_db(), attempts = ep.attempts, "sync works again after {} failed attempts over {}", ep.attempts, backoff::human(ep.since.elapsed()));
                     }
-                });
+                }
             }
             match reply {
                 Some(Command::Sync(tx)) => {
@@ -2182,6 +2223,8 @@ impl Replicator {
             if let Some((replica, holder)) = self.lease_lost.take() {
                 // Another replicator writes here now: stop without a final sync.
                 tracing::error!(db = %self.span_db(), %replica, %holder, "lease lost; stopping");
+                let who = holder.clone();
+                self.publish(|s| s.lease_lost = Some(who));
                 return Err(EngineError::LeaseLost { replica, holder });
             }
         }

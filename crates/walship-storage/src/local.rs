@@ -182,7 +182,10 @@ impl Drop for TempGuard {
     fn drop(&mut self) {
         if let Some(path) = self.path.take()
             && let Err(error) = fs::remove_file(&path)
-            && error.kind() != io::ErrorKind::NotFound
+            && !matches!(
+                error.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            )
         {
             tracing::warn!(path = %path.display(), %error, "could not remove temporary file");
         }

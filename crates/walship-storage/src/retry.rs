@@ -2,7 +2,8 @@
 //!
 //! Only errors for which [`StorageError::is_transient`] is true are retried; permanent ones
 //! (not found, access denied, already exists, ...) return at once. Every retry is logged at
-//! `warn` with the attempt number, the delay and the error.
+//! `info` with the attempt number, the delay and the error: a call that fails for good is
+//! the caller's to report (the replicator warns once per failure episode, not per attempt).
 //!
 //! A put whose body is a [`PutBody::Stream`] cannot be replayed (the stream is consumed by the
 //! first attempt), so it is passed through once, unretried; the S3 backend still retries each
@@ -97,7 +98,7 @@ impl RetryStore {
         f.retry(self.policy.backoff())
             .when(StorageError::is_transient)
             .notify(|error: &StorageError, delay: Duration| {
-                tracing::warn!(
+                tracing::info!(
                     attempt,
                     max_attempts = self.policy.max_attempts,
                     op,

@@ -28,7 +28,8 @@ const QUEUE: usize = 64;
 #[derive(Debug, Clone, Serialize)]
 pub struct Alert {
     /// `upload_failing`, `upload_recovered`, `health_warning`, `health_critical`,
-    /// `health_recovered`.
+    /// `lease_lost` (critical: another replicator took the replica over and this one
+    /// stopped), `health_recovered`.
     pub event: &'static str,
     pub db: String,
     pub path: String,

@@ -141,6 +141,14 @@ pub fn evaluate(s: &Status, f: &Facts, t: &Thresholds) -> DbHealth {
         level = level.max(l);
         reasons.push(why);
     };
+    if let Some(holder) = &s.lease_lost {
+        raise(
+            Level::Critical,
+            format!(
+                "the replicator lost the replica's lease to {holder} and stopped: another replicator writes to this replica now, and nothing more of this database is shipped (stop one of them)"
+            ),
+        );
+    }
     let point = Duration::from_millis(point_age_ms.max(0) as u64);
     let what = if restorable_ms.is_some() {
         "the newest restorable point is"
@@ -338,6 +346,19 @@ mod tests {
             evaluate(&s, &f, &Thresholds::default()).status,
             Level::Healthy
         );
+    }
+
+    #[test]
+    fn a_lost_lease_is_critical_at_once() {
+        let now = T0 + 1_000;
+        let s = Status {
+            last_synced_ms: Some(now - 100),
+            lease_lost: Some("pid 42 on host b".into()),
+            ..Default::default()
+        };
+        let h = evaluate(&s, &facts(now), &Thresholds::default());
+        assert_eq!(h.status, Level::Critical);
+        assert!(h.reasons[0].contains("lost the replica's lease to pid 42 on host b"));
     }
 
     #[test]

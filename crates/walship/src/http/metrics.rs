@@ -254,6 +254,12 @@ impl Collector for StatusCollector {
             "Replication rounds that failed in a row (0 when the last one worked)",
             |r| Some(r.st.consecutive_errors as f64),
         )?;
+        self.gauge(
+            &mut enc,
+            "walship_lease_lost",
+            "1 once the replicator lost the replica's lease to another one and stopped",
+            |r| Some(if r.st.lease_lost.is_some() { 1.0 } else { 0.0 }),
+        )?;
         self.counter(
             &mut enc,
             "walship_snapshots",

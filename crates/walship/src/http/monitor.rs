@@ -24,6 +24,8 @@ pub struct MonitorState {
     pub level: Option<Level>,
     /// An upload-failing alert was sent and not yet followed by a recovery.
     pub failing_alerted: bool,
+    /// The lease-lost alert was sent.
+    pub lease_lost_alerted: bool,
     /// Write time of the oldest segment after the newest snapshot.
     pub replay_since_ms: Option<i64>,
     /// A segment or snapshot was seen by this process (then the listing's idea of
@@ -278,7 +280,23 @@ fn alerts(state: &AppState, d: &DbState, st: &Status, h: &DbHealth, now: i64) {
                 format!("walship: uploads of {} work again", d.db.name),
             ));
         }
-        if h.status != previous {
+        // A lost lease is its own alert (critical at once), in place of `health_critical`.
+        let lease_lost = match &st.lease_lost {
+            Some(holder) if !m.lease_lost_alerted => {
+                m.lease_lost_alerted = true;
+                out.push((
+                    "lease_lost",
+                    previous,
+                    format!(
+                        "walship: {} lost the lease of {} to {holder} and stopped replicating; another replicator writes there now (stop one of them)",
+                        d.db.name, d.db.replica_url
+                    ),
+                ));
+                true
+            }
+            _ => false,
+        };
+        if h.status != previous && !(lease_lost && h.status == Level::Critical) {
             let (event, text) = match h.status {
                 Level::Healthy => (
                     "health_recovered",

@@ -18,8 +18,7 @@ use walship_storage::testkit::MotoServer;
 
 use crate::common::*;
 
-#[path = "../http_support/mod.rs"]
-mod http_support;
+use crate::http_support;
 
 /// The open-files limit walship runs under: what a small container might give it.
 const NOFILE: u64 = 256;

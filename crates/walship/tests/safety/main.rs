@@ -16,6 +16,7 @@ mod exec;
 mod gaps;
 mod http_clients;
 mod keys;
+mod log_flood;
 mod ops;
 mod ops_logs;
 mod proxy;
