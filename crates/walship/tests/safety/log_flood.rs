@@ -4,8 +4,6 @@
 //! its lease to another one is critical at once in `/health` and `/metrics`, and an alert
 //! says so, rather than looking healthy until its restorable point ages.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +12,7 @@ use std::time::{Duration, Instant};
 use walship_storage::testkit::MotoServer;
 
 use crate::common::*;
+use crate::proxy::Proxy;
 
 use crate::http_support;
 
@@ -59,17 +58,19 @@ fn a_failing_s3_replica_warns_once_reminds_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = MotoServer::unique_prefix("log-flood");
     let direct = moto.url(moto.bucket(), &prefix).to_string();
-    // Through a proxy that stops forwarding (and drops every connection) during the outage.
-    let proxy = Proxy::start(format!("127.0.0.1:{}", moto.port()).parse().unwrap());
+    // Through a proxy that refuses every connection during the outage (a store that is down).
+    let proxy = Arc::new(Proxy::start(
+        format!("127.0.0.1:{}", moto.port()).parse().unwrap(),
+    ));
     let via = format!(
-        "s3://{}/{prefix}?endpoint=http://{}&region=us-east-1&force-path-style=true",
+        "s3://{}/{prefix}?endpoint={}&region=us-east-1&force-path-style=true",
         moto.bucket(),
-        proxy.addr
+        proxy.endpoint()
     );
-    let (down, up) = (proxy.broken.clone(), proxy.broken.clone());
+    let (down, up) = (proxy.clone(), proxy.clone());
     let breaker = Breaker {
-        stop: Box::new(move || down.store(true, Ordering::SeqCst)),
-        start: Box::new(move || up.store(false, Ordering::SeqCst)),
+        stop: Box::new(move || down.refuse()),
+        start: Box::new(move || up.forward()),
     };
     failing_replica(dir.path(), &via, &direct, S3_OUTAGE, breaker, 0x666c_6f70);
 }
@@ -195,87 +196,6 @@ fn find_line(log: &Path, what: &str, within: Duration) -> Option<String> {
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A TCP proxy on 127.0.0.1 that forwards to `upstream` until `broken` is set; while it is,
-/// every connection is dropped. Stops with its owner.
-struct Proxy {
-    addr: SocketAddr,
-    broken: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let broken = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (b, s) = (broken.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        if b.load(Ordering::SeqCst) {
-                            continue;
-                        }
-                        let Ok(server) = TcpStream::connect(upstream) else {
-                            continue;
-                        };
-                        client.set_nonblocking(false).unwrap();
-                        for (from, to) in [
-                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                            (server, client),
-                        ] {
-                            let (b, s) = (b.clone(), s.clone());
-                            std::thread::spawn(move || pipe(from, to, &b, &s));
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        });
-        Proxy { addr, broken, stop }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream, broken: &AtomicBool, stop: &AtomicBool) {
-    from.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if broken.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
-            let _ = from.shutdown(std::net::Shutdown::Both);
-            let _ = to.shutdown(std::net::Shutdown::Both);
-            return;
-        }
-        match from.read(&mut buf) {
-            Ok(0) => {
-                let _ = to.shutdown(std::net::Shutdown::Write);
-                return;
-            }
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => {
-                let _ = to.shutdown(std::net::Shutdown::Both);
-                return;
-            }
-        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! A TCP proxy on 127.0.0.1 in front of the local S3 server, for the tests of a store that
 //! misbehaves on the wire: it can stop forwarding while it keeps every connection open (a
 //! black hole: what a store whose packets are dropped looks like to a client, connections
-//! accepted but nothing answered), and it can rename the root element of
+//! accepted but nothing answered), refuse the store (every connection closed at once: a
+//! store that is down), and it can rename the root element of
 //! `CompleteMultipartUpload` replies (what moto 5.2.1 did: it answered
 //! `CompleteMultipartUploadResponse` where AWS answers `CompleteMultipartUploadResult`; the
 //! installed moto is fixed, so the proxy plays the old one).
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 const FORWARD: u8 = 0;
 const BLACK_HOLE: u8 = 1;
+const REFUSE: u8 = 2;
 
 /// The root element AWS names its `CompleteMultipartUpload` reply with, and the name the
 /// proxy gives it instead (the same length, so the reply's `Content-Length` still holds;
@@ -56,6 +58,10 @@ impl Proxy {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                if s.mode.load(Ordering::Acquire) == REFUSE {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(upstream) else {
                     continue;
                 };
@@ -91,6 +97,14 @@ impl Proxy {
     /// are accepted.
     pub fn black_hole(&self) {
         self.shared.mode.store(BLACK_HOLE, Ordering::Release);
+    }
+
+    /// Closes every connection and, until [`Proxy::forward`], every new one at once.
+    pub fn refuse(&self) {
+        self.shared.mode.store(REFUSE, Ordering::Release);
+        for s in self.shared.sockets.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     /// Forwards again.
