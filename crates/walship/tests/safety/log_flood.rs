@@ -125,6 +125,9 @@ fn failing_replica(
         warnings.len(),
         outage.as_secs()
     );
+    for w in &warnings {
+        eprintln!("  {w}");
+    }
     assert!(
         warnings.len() <= MAX_WARNINGS,
         "{} warnings for one outage:\n{}",
